@@ -1,0 +1,103 @@
+"""What each computing node does: calls, attributes, indexing, ad hoc module calls, parameters.
+
+    value = run_op(ctx, node, args, kwargs)
+
+Function targets resolve only inside the namespaces of ``targets.NAMESPACES``; methods only
+if they are public torch.Tensor methods; attributes never start with an underscore. In-place
+writes to a tensor that shares storage with a model weight are refused: a job must never
+leave a lasting change on a shared model.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..graph import Node
+from ..targets import resolve_function, tensor_method
+from .rows import merge
+
+_MUTATING_FUNCTIONS = frozenset({"operator.setitem"})
+
+
+@dataclass
+class OpContext:
+    """What ops need from the run: the model, the batch size, and whether hooks are paused."""
+
+    module: nn.Module
+    batch: int
+    adhoc_depth: int = 0
+    _weight_storages: set[int] | None = field(default=None, repr=False)
+
+    def merge(self, old: Any, new: Any, rows: slice | None) -> Any:
+        return merge(old, new, rows, self.batch)
+
+    def check_writable(self, target: Any) -> None:
+        if not isinstance(target, torch.Tensor):
+            return
+        if self._weight_storages is None:
+            tensors = list(self.module.parameters()) + list(self.module.buffers())
+            self._weight_storages = {t.untyped_storage().data_ptr() for t in tensors}
+        if target.untyped_storage().data_ptr() in self._weight_storages:
+            raise PermissionError("this would write into a model weight or buffer; weights are read-only: "
+                                  "copy it first with .clone() if you need a modified version")
+
+
+def run_op(ctx: OpContext, node: Node, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    """Execute one computing node on resolved arguments."""
+    op = node.op
+    if op == "call_function":
+        return resolve_function(node.target or "")(*args, **kwargs)
+    if op == "call_method":
+        return _call_method(ctx, node.target or "", args, kwargs)
+    if op == "getattr":
+        return _getattr(args[0], node.target or "")
+    if op == "getitem":
+        return args[0][args[1]]
+    if op == "setitem":
+        ctx.check_writable(args[0])
+        args[0][args[1]] = args[2]
+        return None
+    if op == "call_module":
+        return _call_module(ctx, node.target or "", args, kwargs)
+    if op == "param":
+        return _param(ctx.module, node.target or "")
+    raise ValueError(f"unknown op {op!r}")
+
+
+def _call_method(ctx: OpContext, name: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    if not args:
+        raise ValueError(f"method {name!r} needs an object to call it on")
+    obj = args[0]
+    if not isinstance(obj, torch.Tensor) or not tensor_method(name):
+        raise TypeError(f"{name!r} is not a tensor method (called on a {type(obj).__name__})")
+    if name.endswith("_"):
+        ctx.check_writable(obj)
+    return getattr(obj, name)(*args[1:], **kwargs)
+
+
+def _getattr(obj: Any, name: str) -> Any:
+    if not name or name.startswith("_"):
+        raise AttributeError(f"attribute {name!r} cannot be read in a graph")
+    return getattr(obj, name)
+
+
+def _call_module(ctx: OpContext, path: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    module = ctx.module.get_submodule(path) if path else ctx.module
+    ctx.adhoc_depth += 1
+    try:
+        return module(*args, **kwargs)
+    finally:
+        ctx.adhoc_depth -= 1
+
+
+def _param(module: nn.Module, name: str) -> torch.Tensor:
+    path, _, attr = name.rpartition(".")
+    owner = module.get_submodule(path) if path else module
+    if attr in owner._parameters and owner._parameters[attr] is not None:
+        return owner._parameters[attr].detach()  # type: ignore[union-attr]
+    if attr in owner._buffers and owner._buffers[attr] is not None:
+        return owner._buffers[attr].detach()  # type: ignore[union-attr]
+    raise AttributeError(f"no parameter or buffer named {name!r}")

@@ -1,0 +1,55 @@
+"""Run a graph over one batched forward: the single entry point for local and remote runs.
+
+    results = run_graph(graph, module, Batch(call=lambda: module(x), rows=[None], size=4))
+
+Sets grad mode (no_grad unless the graph asks for gradients), installs hooks, runs the
+model, checks every node ran, and removes everything it added, even on errors. Gradients
+that a backward pass leaves on parameters are restored to what they were.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..graph import Graph
+from .executor import Executor, StopForward
+from .hooks import HookSession
+
+
+@dataclass
+class Batch:
+    """How to run the model on all invokes at once, and which rows belong to each invoke."""
+
+    call: Callable[[], Any]
+    rows: list[slice | None]
+    size: int
+
+
+def needs_grad(graph: Graph) -> bool:
+    return any(n.op in ("grad", "set_grad") or (n.op == "call_method" and n.target == "backward")
+               for n in graph.nodes)
+
+
+def run_graph(graph: Graph, module: nn.Module, batch: Batch,
+              on_result: Callable[[Executor, Any], None] | None = None) -> dict[int, Any]:
+    """Execute ``graph`` while ``batch.call()`` runs ``module``; return {node id: saved value}."""
+    executor = Executor(graph, module, batch.rows, batch.size)
+    grad = needs_grad(graph)
+    saved_grads = [(p, p.grad) for p in module.parameters()] if grad else []
+    try:
+        with torch.set_grad_enabled(grad), HookSession(executor, module):
+            executor.start()
+            try:
+                output = batch.call()
+            except StopForward:
+                output = None
+            if on_result is not None and output is not None:
+                on_result(executor, output)
+        return executor.finish()
+    finally:
+        for param, old in saved_grads:
+            param.grad = old

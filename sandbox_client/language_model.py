@@ -1,0 +1,119 @@
+"""``sc.LanguageModel``: a causal LM with a tokenizer; traces, batched invokes and generation.
+
+    lm = sc.LanguageModel(smollm2_folder())          # or LanguageModel(hf_model, tokenizer=tok)
+    with lm.generate("The capital of France is", max_new_tokens=5) as tracer:
+        with tracer.all_steps():
+            top = lm.lm_head.output[:, -1].argmax(-1).save()     # a list, one per step
+        ids = tracer.result.save()
+    lm.tokenizer.decode(ids.value[0])
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from .errors import TraceError
+from .graph import Graph, Invoke
+from .inputs import TokenBatch, pad_left, token_rows
+from .interpreter.executor import Executor
+from .interpreter.run import Batch, run_graph
+from .model import Model
+from .order import check_graph
+from .tracer import Tracer
+
+_GENERATE_DEFAULTS = {"do_sample": False}
+
+
+class LanguageModel(Model):
+    """A Hugging Face causal LM (object or local folder) with its tokenizer."""
+
+    def __init__(self, model: nn.Module | str | Path, tokenizer: Any = None, **load_kwargs: Any) -> None:
+        if isinstance(model, (str, Path)):
+            model, tokenizer = _load_folder(Path(model), tokenizer, load_kwargs)
+        super().__init__(model)
+        self._tokenizer = tokenizer
+
+    @property
+    def tokenizer(self) -> Any:
+        return self._tokenizer
+
+    def generate(self, *args: Any, max_new_tokens: int = 20, **kwargs: Any) -> Tracer:
+        """Record interventions over a greedy generation of ``max_new_tokens`` tokens."""
+        options = {"max_new_tokens": int(max_new_tokens), **kwargs}
+        return Tracer(self, "generate", args, {}, options=options)
+
+    def _run_graph(self, graph: Graph) -> dict[int, Any]:
+        check_graph(graph, self._module)
+        batch_tokens, rows = self._tokens(graph.invokes)
+        if graph.kind == "generate":
+            return run_graph(graph, self._module, self._generate_batch(graph, batch_tokens, rows), _deliver_result)
+        return run_graph(graph, self._module, self._trace_batch(graph, batch_tokens, rows))
+
+    def _tokens(self, invokes: list[Invoke]) -> tuple[TokenBatch, list[slice | None]]:
+        all_rows = []
+        rows: list[slice | None] = []
+        for inv in invokes:
+            if len(inv.args) != 1:
+                raise TraceError("a language-model invoke takes exactly one input (a prompt, ids, or a dict)")
+            inv_rows = token_rows(inv.args[0], self._tokenizer)
+            rows.append(slice(len(all_rows), len(all_rows) + len(inv_rows)))
+            all_rows.extend(inv_rows)
+        if len(rows) == 1:
+            rows = [None]
+        return pad_left(all_rows, self._pad_id()), rows
+
+    def _trace_batch(self, graph: Graph, tokens: TokenBatch, rows: list[slice | None]) -> Batch:
+        extra = _call_kwargs(graph.invokes)
+        kwargs: dict[str, Any] = {"input_ids": tokens.input_ids, **extra}
+        if tokens.padded:
+            kwargs.update(attention_mask=tokens.attention_mask, position_ids=tokens.position_ids)
+        module = self._module
+        return Batch(call=lambda: module(**kwargs), rows=rows, size=tokens.input_ids.shape[0])
+
+    def _generate_batch(self, graph: Graph, tokens: TokenBatch, rows: list[slice | None]) -> Batch:
+        options = {**_GENERATE_DEFAULTS, **graph.options}
+        module: Any = self._module
+        pad = self._pad_id()
+
+        def call() -> Any:
+            return module.generate(input_ids=tokens.input_ids, attention_mask=tokens.attention_mask,
+                                   pad_token_id=pad, **options)
+        return Batch(call=call, rows=rows, size=tokens.input_ids.shape[0])
+
+    def _probe_batch(self, invokes: list[Invoke]) -> Batch:
+        tokens, rows = self._tokens(invokes)
+        return self._trace_batch(Graph(invokes=invokes), tokens, rows)
+
+    def _pad_id(self) -> int:
+        tok = self._tokenizer
+        for candidate in (getattr(tok, "pad_token_id", None), getattr(tok, "eos_token_id", None),
+                          getattr(getattr(self._module, "config", None), "pad_token_id", None),
+                          getattr(getattr(self._module, "config", None), "eos_token_id", None)):
+            if isinstance(candidate, int):
+                return candidate
+        return 0
+
+
+def _deliver_result(executor: Executor, output: Any) -> None:
+    sequences = getattr(output, "sequences", output)
+    executor.fire("", "result", sequences, step="all")
+
+
+def _call_kwargs(invokes: list[Invoke]) -> dict[str, Any]:
+    first = invokes[0].kwargs
+    if any(inv.kwargs.keys() != first.keys() for inv in invokes[1:]):
+        raise TraceError("keyword options must be the same for every invoke of a trace")
+    return dict(first)
+
+
+def _load_folder(folder: Path, tokenizer: Any, load_kwargs: dict[str, Any]) -> tuple[nn.Module, Any]:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{folder} is not a folder; give a local Hugging Face model folder")
+    model = AutoModelForCausalLM.from_pretrained(str(folder), **load_kwargs).eval()
+    if tokenizer is None:
+        tokenizer = AutoTokenizer.from_pretrained(str(folder))
+    return model, tokenizer

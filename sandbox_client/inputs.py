@@ -24,9 +24,13 @@ class TokenBatch:
     """A padded batch; ``padded`` is False when every row is full length (no mask needed)."""
 
     input_ids: torch.Tensor
-    attention_mask: torch.Tensor
-    position_ids: torch.Tensor
+    attention_mask: torch.Tensor | None
+    position_ids: torch.Tensor | None
     padded: bool
+
+    def mask(self) -> torch.Tensor:
+        """The attention mask (all ones when the batch has no padding)."""
+        return self.attention_mask if self.attention_mask is not None else torch.ones_like(self.input_ids)
 
 
 def token_rows(value: Any, tokenizer: Any) -> list[Row]:
@@ -63,6 +67,13 @@ def pad_left(rows: list[Row], pad_id: int) -> TokenBatch:
     padded = bool((mask == 0).any())
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
     return TokenBatch(input_ids=ids, attention_mask=mask, position_ids=positions, padded=padded)
+
+
+def unpadded_ids(value: Any) -> TokenBatch | None:
+    """Fast path: a 2-D integer tensor with no mask is already a batch (no copy, no padding)."""
+    if isinstance(value, torch.Tensor) and value.dim() == 2 and value.dtype == torch.long:
+        return TokenBatch(input_ids=value, attention_mask=None, position_ids=None, padded=False)
+    return None
 
 
 def _tokenize(text: str, tokenizer: Any) -> Row:

@@ -16,7 +16,7 @@ from torch import nn
 
 from .errors import TraceError
 from .graph import Graph, Invoke
-from .inputs import TokenBatch, pad_left, token_rows
+from .inputs import TokenBatch, pad_left, token_rows, unpadded_ids
 from .interpreter.executor import Executor
 from .interpreter.run import Batch, run_graph
 from .model import Model
@@ -45,13 +45,17 @@ class LanguageModel(Model):
         return Tracer(self, "generate", args, {}, options=options)
 
     def _run_graph(self, graph: Graph) -> dict[int, Any]:
-        check_graph(graph, self._module)
+        check_graph(graph, self._module_names)
         batch_tokens, rows = self._tokens(graph.invokes)
         if graph.kind == "generate":
             return run_graph(graph, self._module, self._generate_batch(graph, batch_tokens, rows), _deliver_result)
         return run_graph(graph, self._module, self._trace_batch(graph, batch_tokens, rows))
 
     def _tokens(self, invokes: list[Invoke]) -> tuple[TokenBatch, list[slice | None]]:
+        if len(invokes) == 1 and len(invokes[0].args) == 1:
+            whole = unpadded_ids(invokes[0].args[0])
+            if whole is not None:
+                return whole, [None]
         all_rows = []
         rows: list[slice | None] = []
         for inv in invokes:
@@ -78,7 +82,7 @@ class LanguageModel(Model):
         pad = self._pad_id()
 
         def call() -> Any:
-            return module.generate(input_ids=tokens.input_ids, attention_mask=tokens.attention_mask,
+            return module.generate(input_ids=tokens.input_ids, attention_mask=tokens.mask(),
                                    pad_token_id=pad, **options)
         return Batch(call=call, rows=rows, size=tokens.input_ids.shape[0])
 

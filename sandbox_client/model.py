@@ -19,7 +19,7 @@ from .envoy import Envoy
 from .errors import TraceError
 from .graph import Graph, Invoke, Node
 from .interpreter.run import Batch, run_graph
-from .order import check_graph
+from .order import check_graph, module_names
 from .tracer import Tracer
 
 _PAIR_METHODS = frozenset({"topk", "sort", "kthvalue", "mode", "median", "max", "min", "aminmax",
@@ -35,6 +35,7 @@ class Model(Envoy):
         super().__init__(module, "", None)
         self._active: Tracer | None = None
         self._lengths: dict[str, int | None] | None = None
+        self._module_names = module_names(module)
 
     def trace(self, *args: Any, **kwargs: Any) -> Tracer:
         """Record interventions for one forward on ``args``/``kwargs`` (or on invokes added inside)."""
@@ -50,7 +51,7 @@ class Model(Envoy):
         self._active = None
 
     def _run_graph(self, graph: Graph) -> dict[int, Any]:
-        check_graph(graph, self._module)
+        check_graph(graph, self._module_names)
         return run_graph(graph, self._module, self._batch(graph))
 
     def _batch(self, graph: Graph) -> Batch:

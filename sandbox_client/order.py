@@ -10,6 +10,7 @@ in order; gradients come after the forward. Elsewhere the executor checks at run
 """
 from __future__ import annotations
 
+from collections.abc import Collection
 from typing import Any
 
 from torch import nn
@@ -22,14 +23,18 @@ _PHASE = {"input": "in", "inputs": "in", "set_input": "in", "skip": "in",
           "output": "out", "set_output": "out"}
 
 
-def check_graph(graph: Graph, root: nn.Module) -> None:
+def check_graph(graph: Graph, module_names: Collection[str]) -> None:
     """All static checks the local interpreter needs (the validator adds many more)."""
-    check_paths(graph, root)
+    check_paths(graph, module_names)
     check_order(graph)
 
 
-def check_paths(graph: Graph, root: nn.Module) -> None:
-    names = {name for name, _ in root.named_modules()}
+def module_names(root: nn.Module) -> frozenset[str]:
+    """Every module path of ``root`` ('' is the root)."""
+    return frozenset(name for name, _ in root.named_modules())
+
+
+def check_paths(graph: Graph, names: Collection[str]) -> None:
     skipped: list[tuple[str, Any, Node]] = []
     for node in graph.nodes:
         if node.op in _PHASE or node.op == "call_module":

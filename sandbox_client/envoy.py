@@ -69,7 +69,7 @@ class Envoy:
         if child is None:
             child = Envoy(self._module._modules[name], _join(self._path, name), self._root_model())
             self._children[name] = child
-        return child  # type: ignore[no-any-return]
+        return child
 
     def _missing(self, name: str) -> str:
         options = list(self._module._modules) + list(self._module._parameters) + list(self._module._buffers)
@@ -88,7 +88,7 @@ class Envoy:
         tracer = self._root_model()._active
         if tracer is None:
             raise TraceError(f"{self._label()}: module values exist only inside `with model.trace(...)`")
-        return tracer  # type: ignore[no-any-return]
+        return tracer
 
     # ----- events ----------------------------------------------------------------------------
     @property

@@ -92,7 +92,7 @@ def _tensor_rows(ids: torch.Tensor, mask: Any) -> list[Row]:
         raise TraceError(f"token ids must be 1-D or 2-D, got shape {tuple(ids.shape)}")
     masks = torch.ones_like(ids) if mask is None else torch.as_tensor(mask).reshape(ids.shape)
     rows: list[Row] = []
-    for row_ids, row_mask in zip(ids.tolist(), masks.tolist()):
+    for row_ids, row_mask in zip(ids.tolist(), masks.tolist(), strict=True):
         keep = [i for i, m in enumerate(row_mask) if m]
         rows.append(([row_ids[i] for i in keep], [1] * len(keep)))
     return rows

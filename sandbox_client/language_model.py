@@ -56,7 +56,7 @@ class LanguageModel(Model):
             whole = unpadded_ids(invokes[0].args[0])
             if whole is not None:
                 return whole, [None]
-        all_rows = []
+        all_rows: list[tuple[list[int], list[int]]] = []
         rows: list[slice | None] = []
         for inv in invokes:
             if len(inv.args) != 1:

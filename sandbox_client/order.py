@@ -104,7 +104,7 @@ def _is_ancestor(parent: str, child: str) -> bool:
 
 def _sibling_indices(a: str, b: str) -> tuple[int | None, int | None]:
     pa, pb = a.split("."), b.split(".")
-    for x, y in zip(pa, pb):
+    for x, y in zip(pa, pb, strict=False):
         if x != y:
             return (int(x), int(y)) if x.isdigit() and y.isdigit() else (None, None)
     return None, None

@@ -29,6 +29,8 @@ class Proxy:
     """A recorded value: node ``_id`` of ``_tracer``'s graph."""
 
     __slots__ = ("_tracer", "_id")
+    _tracer: Tracer
+    _id: int
 
     def __init__(self, tracer: Tracer, node_id: int) -> None:
         object.__setattr__(self, "_tracer", tracer)
@@ -160,6 +162,7 @@ for _dunder, _fn in {
 for _dunder, _fn in {"lt": operator.lt, "le": operator.le, "gt": operator.gt, "ge": operator.ge,
                      "eq": operator.eq, "ne": operator.ne}.items():
     setattr(Proxy, f"__{_dunder}__", _binary(_fn))
-for _dunder, _fn in {"neg": operator.neg, "pos": operator.pos, "abs": operator.abs,
-                     "invert": operator.invert}.items():
-    setattr(Proxy, f"__{_dunder}__", _unary(_fn))
+_UNARY: dict[str, Callable[[Any], Any]] = {"neg": operator.neg, "pos": operator.pos, "abs": operator.abs,
+                                          "invert": operator.invert}
+for _dunder, _ufn in _UNARY.items():
+    setattr(Proxy, f"__{_dunder}__", _unary(_ufn))

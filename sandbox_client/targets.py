@@ -68,7 +68,7 @@ def resolve_function(name: str) -> Callable[..., Any]:
     func = getattr(namespace, attr, None)
     if func is None or not callable(func) or isinstance(func, type):
         raise LookupError(f"{name!r} is not a known function")
-    return func  # type: ignore[no-any-return]
+    return func
 
 
 def tensor_method(name: str) -> bool:

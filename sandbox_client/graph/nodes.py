@@ -13,12 +13,12 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
-from typing import Any, Literal, Union
+from typing import Any, Literal
 
 from .values import GraphFormatError, Ref, decode_value, encode_value
 
 FORMAT_VERSION = 1
-Step = Union[int, Literal["all"]]
+Step = int | Literal["all"]
 
 #: op -> whether it names a module path in ``target``
 OPS: dict[str, str] = {

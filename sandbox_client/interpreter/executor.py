@@ -237,7 +237,7 @@ class Executor:
     # ----- ending ---------------------------------------------------------------------------
     def finish(self) -> dict[int, Any]:
         """Check that every node ran; return the saved values."""
-        for i, node in enumerate(self.nodes):
+        for i in range(len(self.nodes)):
             if not self.done[i] and not (self.all_step[i] and i in self.results):
                 if self.all_step[i] and self.step >= 0 and self.event_of[i] is None:
                     continue

@@ -117,5 +117,5 @@ class HookSession:
                 out = ex.ctx.merge(out, value, rows)
             return out
 
-        module.forward = forward  # type: ignore[method-assign]
+        module.forward = forward
         self.wrapped.append(module)

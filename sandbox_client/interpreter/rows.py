@@ -43,7 +43,7 @@ def merge(old: Any, new: Any, rows: slice | None, batch: int) -> Any:
         part = new_t.expand(width, *old.shape[1:]) if new_t.shape[:1] != (width,) else new_t
         return torch.cat([old[: rows.start], part, old[rows.stop:]], dim=0)
     if isinstance(old, (tuple, list)) and isinstance(new, (tuple, list)) and len(old) == len(new):
-        merged = [merge(o, n, rows, batch) for o, n in zip(old, new)]
+        merged = [merge(o, n, rows, batch) for o, n in zip(old, new, strict=True)]
         return type(old)(merged) if isinstance(old, list) else tuple(merged)
     if isinstance(old, Mapping) and isinstance(new, Mapping):
         return _rebuild_mapping(old, {k: merge(v, new[k], rows, batch) if k in new else v for k, v in old.items()})

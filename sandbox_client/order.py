@@ -16,11 +16,12 @@ from typing import Any
 from torch import nn
 
 from .errors import ModulePathError, OrderError, TraceError
-from .graph import GRAD_OPS, Graph, Node, Ref
+from .events import event_of
+from .graph import Graph, Node
 
 Event = tuple[str, str, Any]   # (path, phase: 'in'|'out'|'grad'|'end', step)
-_PHASE = {"input": "in", "inputs": "in", "set_input": "in", "skip": "in",
-          "output": "out", "set_output": "out"}
+_PHASE = {"input": "in", "skip": "in", "output": "out", "grad": "grad"}
+_PATH_OPS = frozenset({"output", "input", "inputs", "set_output", "set_input", "skip", "call_module"})
 
 
 def check_graph(graph: Graph, module_names: Collection[str]) -> None:
@@ -37,7 +38,7 @@ def module_names(root: nn.Module) -> frozenset[str]:
 def check_paths(graph: Graph, names: Collection[str]) -> None:
     skipped: list[tuple[str, Any, Node]] = []
     for node in graph.nodes:
-        if node.op in _PHASE or node.op == "call_module":
+        if node.op in _PATH_OPS:
             if (node.target or "") not in names:
                 raise ModulePathError(f"no module {node.target!r} in this model", source=node.source)
         if node.op == "skip":
@@ -71,12 +72,11 @@ def check_order(graph: Graph) -> None:
 
 
 def _own_event(node: Node, graph: Graph) -> Event | None:
-    if node.op in _PHASE:
-        return (node.target or "", _PHASE[node.op], node.step)
-    if node.op in GRAD_OPS and node.args and isinstance(node.args[0], Ref):
-        read = graph.nodes[node.args[0].id]
-        return (read.target or "", "grad", read.step)
-    return None
+    event = event_of(graph.nodes, node)
+    if event is None or event[1] == "result":
+        return None
+    path, kind, step = event
+    return (path, _PHASE[kind], step)
 
 
 def _later(a: Event, b: Event) -> bool:

@@ -17,6 +17,8 @@ import contextvars
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
+import torch
+
 from .errors import TraceError, ValueNotReadyError
 from .graph import Graph, Invoke, Node, Ref, Step
 from .proxy import Proxy
@@ -241,8 +243,12 @@ class Tracer:
 
 
 def _literal(value: Any) -> Any:
+    """A user value embedded in the graph. Tensors are made contiguous, exactly as the wire format
+    stores them, so a local run computes bit for bit what a remote run of the same graph computes."""
     from .envoy import Envoy
 
+    if isinstance(value, torch.Tensor):
+        return value.contiguous()
     if isinstance(value, Envoy):
         raise TraceError("a module cannot be passed as a value; call it instead: lm.lm_head(x)")
     return value

@@ -25,6 +25,10 @@ from transformers import (
 
 import sandbox_client as sc
 
+# One thread per test process: the suite runs as 2 xdist workers on 2 cores, and oversubscribed
+# BLAS threads make tiny forwards 50x slower under load.
+torch.set_num_threads(1)
+
 VOCAB = 50257
 ARCHS = ("gpt2", "llama", "qwen2")
 

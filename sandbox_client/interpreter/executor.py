@@ -20,12 +20,12 @@ import torch
 from torch import nn
 
 from ..errors import InterventionError, OrderError, SandboxError
+from ..events import EventKey, event_of
 from ..graph import GRAD_OPS, Graph, Node, Ref
 from .ops import OpContext, run_op
 from .rows import narrow
 
 ALL = "all"
-EventKey = tuple[str, str, Any]   # (module path, kind, step)
 
 
 class StopForward(Exception):
@@ -52,7 +52,7 @@ class Executor:
         self.pinned: set[int] = set()
         for node in self.nodes:
             self._index(node)
-        self.refcount = [sum(1 for u in self.users[i] if not self.all_step[u]) for i in range(n)]
+        self.refcount = [sum(1 for u in self.users[i] if self.all_step[i] or not self.all_step[u]) for i in range(n)]
         self.remaining = [len(d) for d in self.deps]
         self.done = [False] * n
         self.values: dict[int, Any] = {}
@@ -80,20 +80,10 @@ class Executor:
             self.waiting[event].append(node.id)
 
     def _event(self, node: Node) -> EventKey | None:
-        if node.op in ("output", "set_output"):
-            return (node.target or "", "output", node.step)
-        if node.op in ("input", "inputs", "set_input"):
-            return (node.target or "", "input", node.step)
-        if node.op == "skip":
-            return (node.target or "", "skip", node.step)
-        if node.op in GRAD_OPS:
-            read = self.nodes[node.args[0].id] if node.args and isinstance(node.args[0], Ref) else None
-            if read is None or read.op != "output":
-                raise OrderError("'.grad' must refer to a module output read", source=node.source)
-            return (read.target or "", "grad", read.step)
-        if node.op == "result":
-            return ("", "result", ALL)
-        return None
+        event = event_of(self.nodes, node)
+        if node.op in GRAD_OPS and event is None:
+            raise OrderError("'.grad' must refer to a module output read", source=node.source)
+        return event
 
     def events(self) -> set[tuple[str, str]]:
         """(path, kind) pairs that need a hook."""

@@ -1,0 +1,1 @@
+"""Sandbox server (issue 4): the HTTP API, keys, jobs and model workers that run validated graphs."""

@@ -1,0 +1,1 @@
+"""Result storage (issue 4): S3-compatible stores for saved values, and result signing."""

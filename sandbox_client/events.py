@@ -58,9 +58,10 @@ def _view_origin(nodes: list[Node], node: Node) -> Node | None:
     """The module read that the mutated tensor is (a view of), if any."""
     current = _arg_node(nodes, node)
     while current is not None:
-        if current.op in ("output", "input", "grad"):
+        if current.op in ("output", "input", "inputs", "grad"):
             return current
-        is_view = current.op == "getitem" or (current.op == "call_method" and current.target in _VIEW_METHODS)
+        is_view = current.op in ("getitem", "getattr") or (
+            current.op == "call_method" and current.target in _VIEW_METHODS)
         if not is_view:
             return None
         current = _arg_node(nodes, current)

@@ -50,7 +50,7 @@ class Tracer:
 
     def __init__(self, model: Model, kind: str, args: tuple[Any, ...], kwargs: dict[str, Any],
                  options: dict[str, Any] | None = None) -> None:
-        self.model = model
+        self.model: Model | None = model   # dropped after the run: kept results must not pin the model
         self.kind = kind
         self.nodes: list[Node] = []
         self.invokes: list[Invoke] = []
@@ -67,11 +67,13 @@ class Tracer:
 
     # ----- context -------------------------------------------------------------------------
     def __enter__(self) -> Tracer:
-        self.model._begin(self)
+        self._model()._begin(self)
         return self
 
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
-        self.model._end(self)
+        model = self._model()
+        model._end(self)
+        self.model = None
         if exc_type is not None:
             self._failed = exc
             return
@@ -81,7 +83,7 @@ class Tracer:
         if _ROUNDTRIP.get():
             graph = Graph.from_json(graph.to_json())
         try:
-            self._results = self.model._run_graph(graph)
+            self._results = model._run_graph(graph)
         except BaseException as err:
             self._failed = err
             raise
@@ -206,7 +208,7 @@ class Tracer:
 
     def length_of(self, proxy: Proxy) -> int:
         """Length of a proxy's value, for tuple unpacking; known for module outputs and topk-like calls."""
-        length = self.model._value_length(self.nodes[proxy._id])
+        length = self._model()._value_length(self.nodes[proxy._id])
         if length is None:
             raise TraceError("cannot unpack this traced value: its length is unknown while recording; "
                              "index it explicitly (x[0], x[1])")
@@ -226,6 +228,11 @@ class Tracer:
         if isinstance(value, slice):
             return slice(self._ref(value.start), self._ref(value.stop), self._ref(value.step))
         return _literal(value)
+
+    def _model(self) -> Model:
+        if self.model is None:
+            raise TraceError("this trace has already run; start a new `with model.trace(...)` block")
+        return self.model
 
     def _check_open(self) -> None:
         if self._results is not None or self._failed is not None:

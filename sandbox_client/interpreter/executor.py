@@ -150,10 +150,10 @@ class Executor:
 
     def _run(self, i: int) -> None:
         node = self.nodes[i]
-        args = _resolve(node.args, self.values)
-        kwargs = _resolve(node.kwargs, self.values)
         rows = self.rows[node.invoke] if node.invoke is not None and node.invoke < len(self.rows) else None
         try:
+            args = _resolve(node.args, self.values)
+            kwargs = _resolve(node.kwargs, self.values)
             value = self._execute(node, args, kwargs, rows)
         except (SandboxError, StopForward):
             raise

@@ -43,7 +43,7 @@ def test_result_equals_hf_generate(lm, tiny_hf, plain, wire):
     assert torch.equal(out.value, direct)
 
 
-@pytest.mark.parametrize("i", [0, 1, N - 1])
+@pytest.mark.parametrize("i", [0, N - 1])
 def test_step_reads_the_ith_forward_call(lm, tiny_hf, arch, plain, wire, i):
     with lm.generate(PROMPT_IDS, max_new_tokens=N) as tracer:
         with tracer.step(i):

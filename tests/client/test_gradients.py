@@ -20,7 +20,7 @@ def lm(tiny_hf, gpt2_tokenizer):
     return sc.LanguageModel(tiny_hf, tokenizer=gpt2_tokenizer)
 
 
-@pytest.mark.parametrize("i", [0, 2, 3])
+@pytest.mark.parametrize("i", [0, 3])
 def test_grad_of_layer_output_equals_retain_grad(lm, tiny_hf, arch, wire, i):
     with lm.trace(PROMPT_IDS):
         g = layer(lm, arch, i).output.grad.save()

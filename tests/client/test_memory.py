@@ -108,3 +108,16 @@ def test_del_wrapper_and_model_frees_the_model(gpt2_tokenizer, arch, wire, gener
     assert wrapper_ref() is None, "the wrapper is still referenced"
     assert model_ref() is None, "the hf model is still referenced"
     assert kept.shape[1] == PROMPT_IDS.shape[1]
+
+
+def test_kept_result_proxy_does_not_pin_the_model(gpt2_tokenizer, wire):
+    # Users keep the proxies (`h = ....save()`, then `h.value`); deleting the model must still free it.
+    hf = build_tiny("gpt2")
+    lm = sc.LanguageModel(hf, tokenizer=gpt2_tokenizer)
+    with lm.trace(PROMPT_IDS):
+        h = layer(lm, "gpt2", 1).output.save()
+    model_ref = weakref.ref(hf)
+    del lm, hf
+    gc.collect()
+    assert model_ref() is None, "a saved proxy kept after the trace keeps the hf model alive"
+    assert isinstance(h.value, torch.Tensor)

@@ -114,66 +114,78 @@ def test_results_bitwise_equal_to_an_unwrapped_copy(tiny_hf, gpt2_tokenizer, arc
                            twin.generate(PROMPT_IDS, max_new_tokens=3, do_sample=False))
 
 
-def _edit(lm: Any, arch: str, tracer: Any) -> None:
-    mlp(lm, arch, 1).output[:] = 0
-    lm.output.logits.save()
+# One trace of each kind; each opens its own trace so the test can loop over them on one model.
+def _edit(lm: Any, arch: str) -> None:
+    with lm.trace(PROMPT_IDS):
+        mlp(lm, arch, 1).output[:] = 0
+        lm.output.logits.save()
 
 
-def _replace(lm: Any, arch: str, tracer: Any) -> None:
-    layer(lm, arch, 2).output = layer(lm, arch, 2).output * 2
-    lm.output.logits.save()
+def _replace(lm: Any, arch: str) -> None:
+    with lm.trace(PROMPT_IDS):
+        layer(lm, arch, 2).output = layer(lm, arch, 2).output * 2
+        lm.output.logits.save()
 
 
-def _gradient(lm: Any, arch: str, tracer: Any) -> None:
-    layer(lm, arch, 2).output.grad = layer(lm, arch, 2).output.grad * 0.5
-    layer(lm, arch, 0).output.grad.save()
-    lm.output.logits[0, -1].log_softmax(-1)[6342].backward()
+def _gradient(lm: Any, arch: str) -> None:
+    with lm.trace(PROMPT_IDS):
+        layer(lm, arch, 2).output.grad = layer(lm, arch, 2).output.grad * 0.5
+        layer(lm, arch, 0).output.grad.save()
+        lm.output.logits[0, -1].log_softmax(-1)[6342].backward()
 
 
-def _skip(lm: Any, arch: str, tracer: Any) -> None:
-    layer(lm, arch, 1).skip(layer(lm, arch, 1).input)
-    lm.output.logits.save()
+def _skip(lm: Any, arch: str) -> None:
+    with lm.trace(PROMPT_IDS):
+        layer(lm, arch, 1).skip(layer(lm, arch, 1).input)
+        lm.output.logits.save()
 
 
-def _stop(lm: Any, arch: str, tracer: Any) -> None:
-    layer(lm, arch, 1).output.save()
-    tracer.stop()
+def _stop(lm: Any, arch: str) -> None:
+    with lm.trace(PROMPT_IDS) as tracer:
+        layer(lm, arch, 1).output.save()
+        tracer.stop()
 
 
-def _logit_lens(lm: Any, arch: str, tracer: Any) -> None:
-    lm.lm_head(norm(lm, arch)(layer(lm, arch, 1).output)).save()
+def _logit_lens(lm: Any, arch: str) -> None:
+    with lm.trace(PROMPT_IDS):
+        lm.lm_head(norm(lm, arch)(layer(lm, arch, 1).output)).save()
 
 
-TRACES: dict[str, Callable[[Any, str, Any], None]] = {
+def _invokes(lm: Any, arch: str) -> None:
+    with lm.trace() as tracer:
+        with tracer.invoke(PROMPT_IDS):
+            clean = layer(lm, arch, 1).output[:, -1]
+        with tracer.invoke(OTHER_IDS):
+            layer(lm, arch, 1).output[:, -1] = clean
+            lm.output.logits.save()
+
+
+def _generate(lm: Any, arch: str) -> None:
+    with lm.generate(PROMPT_IDS, max_new_tokens=3) as tracer:
+        with tracer.step(1):
+            layer(lm, arch, 1).output[:] = layer(lm, arch, 1).output * 3
+        with tracer.all_steps():
+            layer(lm, arch, 2).output.save()
+        tracer.result.save()
+
+
+TRACES: dict[str, Callable[[Any, str], None]] = {
     "edit": _edit, "replace": _replace, "gradient": _gradient, "skip": _skip, "stop": _stop,
-    "logit_lens": _logit_lens,
+    "logit_lens": _logit_lens, "invokes": _invokes, "generate": _generate,
 }
 
 
-@pytest.mark.parametrize("kind", [*TRACES, "invokes", "generate"])
-def test_weights_bitwise_unchanged_after_every_kind_of_trace(lm, tiny_hf, arch, wire, kind):
+def test_weights_bitwise_unchanged_after_every_kind_of_trace(lm, tiny_hf, arch, wire):
     before = params_snapshot(tiny_hf)
-    if kind == "generate":
-        with lm.generate(PROMPT_IDS, max_new_tokens=3) as tracer:
-            with tracer.step(1):
-                layer(lm, arch, 1).output[:] = layer(lm, arch, 1).output * 3
-            with tracer.all_steps():
-                layer(lm, arch, 2).output.save()
-            tracer.result.save()
-    elif kind == "invokes":
-        with lm.trace() as tracer:
-            with tracer.invoke(PROMPT_IDS):
-                clean = layer(lm, arch, 1).output[:, -1]
-            with tracer.invoke(OTHER_IDS):
-                layer(lm, arch, 1).output[:, -1] = clean
-                lm.output.logits.save()
-    else:
-        with lm.trace(PROMPT_IDS) as tracer:
-            TRACES[kind](lm, arch, tracer)
-    assert_params_equal(tiny_hf, before)
-    assert_no_hooks(tiny_hf)
-    assert all(p.requires_grad for p in tiny_hf.parameters())
-    assert not tiny_hf.training
+    for kind, run in TRACES.items():
+        run(lm, arch)
+        try:
+            assert_params_equal(tiny_hf, before)
+            assert_no_hooks(tiny_hf)
+            assert all(p.requires_grad and p.grad is None for p in tiny_hf.parameters())
+            assert not tiny_hf.training
+        except AssertionError as err:
+            raise AssertionError(f"after a {kind!r} trace: {err}") from err
 
 
 def _median_forward_ms(model: nn.Module, ids: torch.Tensor, n: int = 30) -> float:

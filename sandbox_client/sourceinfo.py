@@ -17,6 +17,9 @@ _SKIP_PREFIXES = (
 )
 
 
+_CACHE: dict[tuple[str, int], str] = {}
+
+
 def user_source() -> str:
     """``file.py:LINE: code`` for the innermost frame outside sandbox_client and torch."""
     frame = sys._getframe(1)
@@ -24,6 +27,11 @@ def user_source() -> str:
         frame = frame.f_back  # type: ignore[assignment]
     if frame is None:
         return ""
-    filename = frame.f_code.co_filename
-    line = linecache.getline(filename, frame.f_lineno).strip()
-    return f"{os.path.basename(filename)}:{frame.f_lineno}: {line}"
+    key = (frame.f_code.co_filename, frame.f_lineno)
+    text = _CACHE.get(key)
+    if text is None:
+        line = linecache.getline(key[0], key[1]).strip()
+        text = f"{os.path.basename(key[0])}:{key[1]}: {line}"
+        if len(_CACHE) < 100_000:
+            _CACHE[key] = text
+    return text

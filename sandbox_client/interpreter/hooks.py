@@ -19,6 +19,11 @@ from torch.utils.hooks import RemovableHandle
 from .executor import Executor
 
 
+def executor_counts_steps(executor: Executor) -> bool:
+    """Generation needs a root pre-hook counting forward calls; a trace has a single step."""
+    return executor.graph.kind == "generate"
+
+
 class HookSession:
     """Context manager installing the hooks one graph run needs."""
 
@@ -32,7 +37,10 @@ class HookSession:
 
     def __enter__(self) -> HookSession:
         try:
-            self.handles.append(self.root.register_forward_pre_hook(self._on_root_call, prepend=True))
+            if executor_counts_steps(self.ex):
+                self.handles.append(self.root.register_forward_pre_hook(self._on_root_call, prepend=True))
+            else:
+                self.ex.begin_step()   # a trace is one forward: step 0, no hook needed to count
             for path, kind in sorted(self.ex.events()):
                 self._install(path, kind)
             for path in self.grad_paths:

@@ -3,7 +3,7 @@
 # this project (editable) and nnsight==0.8.1, the peer we compare against. nnsight lives only here,
 # never in the project's .venv. Idempotent: set-up is skipped while this script is unchanged.
 #
-#   bash scripts/bench.sh                  # default: 50 interleaved rounds, both models
+#   bash scripts/bench.sh                  # both models (2x64: 500 rounds, 12x768: 50), about 3 minutes
 #   bash scripts/bench.sh --rounds 30 --models small
 #
 # Extra arguments go to benchmarks/trace_overhead.py (see its --help).

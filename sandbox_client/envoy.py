@@ -44,7 +44,10 @@ class Envoy:
         raise ModulePathError(self._missing(name))
 
     def __getitem__(self, key: int | str) -> Envoy:
-        names = list(self._module._modules)
+        modules = self._module._modules
+        if type(key) is int and 0 <= key and str(key) in modules:   # ModuleList/Sequential: names are indices
+            return self._child(str(key))
+        names = list(modules)
         if isinstance(key, int):
             index = key + len(names) if key < 0 else key
             if not 0 <= index < len(names):

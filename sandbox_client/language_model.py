@@ -48,8 +48,10 @@ class LanguageModel(Model):
         check_graph(graph, self._module_names)
         batch_tokens, rows = self._tokens(graph.invokes)
         if graph.kind == "generate":
-            return run_graph(graph, self._module, self._generate_batch(graph, batch_tokens, rows), _deliver_result)
-        return run_graph(graph, self._module, self._trace_batch(graph, batch_tokens, rows))
+            batch = self._generate_batch(graph, batch_tokens, rows)
+            return run_graph(graph, self._module, batch, _deliver_result, modules=self._modules_by_path)
+        batch = self._trace_batch(graph, batch_tokens, rows)
+        return run_graph(graph, self._module, batch, modules=self._modules_by_path)
 
     def _tokens(self, invokes: list[Invoke]) -> tuple[TokenBatch, list[slice | None]]:
         if len(invokes) == 1 and len(invokes[0].args) == 1:

@@ -19,7 +19,7 @@ from .envoy import Envoy
 from .errors import TraceError
 from .graph import Graph, Invoke, Node
 from .interpreter.run import Batch, run_graph
-from .order import check_graph, module_names
+from .order import check_graph
 from .tracer import Tracer
 
 _PAIR_METHODS = frozenset({"topk", "sort", "kthvalue", "mode", "median", "max", "min", "aminmax",
@@ -35,7 +35,8 @@ class Model(Envoy):
         super().__init__(module, "", None)
         self._active: Tracer | None = None
         self._lengths: dict[str, int | None] | None = None
-        self._module_names = module_names(module)
+        self._modules_by_path = dict(module.named_modules())
+        self._module_names = frozenset(self._modules_by_path)
 
     def trace(self, *args: Any, **kwargs: Any) -> Tracer:
         """Record interventions for one forward on ``args``/``kwargs`` (or on invokes added inside)."""
@@ -52,7 +53,7 @@ class Model(Envoy):
 
     def _run_graph(self, graph: Graph) -> dict[int, Any]:
         check_graph(graph, self._module_names)
-        return run_graph(graph, self._module, self._batch(graph))
+        return run_graph(graph, self._module, self._batch(graph), modules=self._modules_by_path)
 
     def _batch(self, graph: Graph) -> Batch:
         args, kwargs, rows, size = concat_invokes(graph.invokes)

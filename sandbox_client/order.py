@@ -16,11 +16,12 @@ from typing import Any
 from torch import nn
 
 from .errors import ModulePathError, OrderError, TraceError
-from .events import event_of
+from .events import event_of, is_mutation
 from .graph import Graph, Node
 
 Event = tuple[str, str, Any]   # (path, phase: 'in'|'out'|'grad'|'end', step)
 _PHASE = {"input": "in", "skip": "in", "output": "out", "grad": "grad"}
+_WRITE_OPS = frozenset({"set_output", "set_input", "skip", "set_grad"})
 _PATH_OPS = frozenset({"output", "input", "inputs", "set_output", "set_input", "skip", "call_module"})
 
 
@@ -52,6 +53,8 @@ def check_paths(graph: Graph, names: Collection[str]) -> None:
 
 def check_order(graph: Graph) -> None:
     """Refuse graphs whose writes need values produced later in the same forward."""
+    if not any(node.op in _WRITE_OPS or is_mutation(node) for node in graph.nodes):
+        return   # a graph that only reads cannot be out of order
     latest: list[list[Event]] = []
     for node in graph.nodes:
         deps: list[Event] = []

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from .envoy import Envoy
 from .errors import TraceError, ValueNotReadyError
 from .graph import Graph, Invoke, Node, Ref, Step
 from .proxy import Proxy
@@ -149,16 +150,20 @@ class Tracer:
     def record(self, op: str, target: str | None, args: tuple[Any, ...],
                kwargs: dict[str, Any] | None = None, *, after: tuple[int, ...] = ()) -> Proxy:
         """Append a node and return a proxy for its value."""
-        self._check_open()
-        enc_args = tuple(self._ref(a) for a in args)
-        enc_kwargs = {k: self._ref(v) for k, v in (kwargs or {}).items()}
-        deps = set(after)
-        _mutations_of(enc_args, self._mutations, deps)
-        _mutations_of(enc_kwargs, self._mutations, deps)
-        node = Node(id=len(self.nodes), op=op, target=target, args=enc_args, kwargs=enc_kwargs,
-                    invoke=self._invoke, step=self._step, after=tuple(sorted(deps)), source=user_source())
-        self.nodes.append(node)
-        return Proxy(self, node.id)
+        if self._results is not None or self._failed is not None:
+            self._check_open()
+        ref = self._ref
+        enc_args = tuple([ref(a) for a in args]) if args else ()
+        enc_kwargs = {k: ref(v) for k, v in kwargs.items()} if kwargs else {}
+        if self._mutations:
+            deps = set(after)
+            _mutations_of(enc_args, self._mutations, deps)
+            _mutations_of(enc_kwargs, self._mutations, deps)
+            after = tuple(sorted(deps))
+        node_id = len(self.nodes)
+        self.nodes.append(Node(node_id, op, target, enc_args, enc_kwargs, self._invoke, self._step, after,
+                               user_source()))
+        return Proxy(self, node_id)
 
     def record_event(self, op: str, path: str, args: tuple[Any, ...] = ()) -> Proxy:
         """A node bound to a module event; reads come after earlier writes of the same event."""
@@ -215,6 +220,8 @@ class Tracer:
         return length
 
     def _ref(self, value: Any) -> Any:
+        if type(value) is Proxy and value._tracer is self:
+            return Ref(value._id)
         if isinstance(value, Proxy):
             if value._tracer is self:
                 return Ref(value._id)
@@ -252,8 +259,6 @@ class Tracer:
 def _literal(value: Any) -> Any:
     """A user value embedded in the graph. Tensors are made contiguous, exactly as the wire format
     stores them, so a local run computes bit for bit what a remote run of the same graph computes."""
-    from .envoy import Envoy
-
     if isinstance(value, torch.Tensor):
         return value.contiguous()
     if isinstance(value, Envoy):

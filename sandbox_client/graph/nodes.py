@@ -46,9 +46,14 @@ GRAD_OPS = frozenset({"grad", "set_grad"})
 KINDS = ("trace", "generate")
 
 
-@dataclass(frozen=True, eq=False)
+@dataclass(eq=False, slots=True)
 class Node:
-    """One recorded operation. ``source`` is the user's line that created it."""
+    """One recorded operation. ``source`` is the user's line that created it.
+
+    Treat nodes as immutable once recorded (they are shared by graph snapshots). Not a frozen
+    dataclass only because recording creates one per traced operation and a frozen __init__
+    costs 5x more.
+    """
 
     id: int
     op: str
@@ -59,14 +64,17 @@ class Node:
     step: Step = 0
     after: tuple[int, ...] = ()
     source: str = ""
+    _refs: tuple[int, ...] | None = field(default=None, init=False, repr=False)
 
-    def refs(self) -> list[int]:
-        """Ids of every node this one needs, explicit (args) and ordering-only (after)."""
-        found: list[int] = []
-        _collect_refs(self.args, found)
-        _collect_refs(self.kwargs, found)
-        found.extend(self.after)
-        return list(dict.fromkeys(found))
+    def refs(self) -> tuple[int, ...]:
+        """Ids of every node this one needs, explicit (args) and ordering-only (after). Computed once."""
+        if self._refs is None:
+            found: list[int] = []
+            _collect_refs(self.args, found)
+            _collect_refs(self.kwargs, found)
+            found.extend(self.after)
+            self._refs = tuple(dict.fromkeys(found))
+        return self._refs
 
     def to_dict(self) -> dict[str, Any]:
         return {

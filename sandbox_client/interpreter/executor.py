@@ -43,7 +43,7 @@ class Executor:
         self.batch = batch
         self.step = -1
         n = len(self.nodes)
-        self.deps: list[list[int]] = [node.refs() for node in self.nodes]
+        self.deps: list[tuple[int, ...]] = [node.refs() for node in self.nodes]
         self.users: list[list[int]] = [[] for _ in range(n)]
         self.event_of: list[EventKey | None] = [None] * n
         self.waiting: dict[EventKey, list[int]] = defaultdict(list)
@@ -62,6 +62,7 @@ class Executor:
         self.stop_requested = False
         self.steps_seen = 0
         self.ctx = OpContext(module=module, batch=batch)
+        self._ids: dict[EventKey, list[int]] = {}
 
     # ----- set-up ---------------------------------------------------------------------------
     def _index(self, node: Node) -> None:
@@ -122,7 +123,10 @@ class Executor:
     def fire(self, path: str, kind: str, value: Any, step: Any = None) -> Any:
         """The model reached event (path, kind): run the nodes bound to it; return the (new) value."""
         step = self.step if step is None else step
-        ids = sorted(self.waiting.get((path, kind, step), []) + self.waiting.get((path, kind, ALL), []))
+        ids = self._ids.get((path, kind, step))
+        if ids is None:
+            ids = sorted(set(self.waiting.get((path, kind, step), []) + self.waiting.get((path, kind, ALL), [])))
+            self._ids[(path, kind, step)] = ids
         if not ids:
             return value
         key = (path, kind)
@@ -152,8 +156,8 @@ class Executor:
         node = self.nodes[i]
         rows = self.rows[node.invoke] if node.invoke is not None and node.invoke < len(self.rows) else None
         try:
-            args = _resolve(node.args, self.values)
-            kwargs = _resolve(node.kwargs, self.values)
+            args = _resolve(node.args, self.values) if node.args else ()
+            kwargs = _resolve(node.kwargs, self.values) if node.kwargs else {}
             value = self._execute(node, args, kwargs, rows)
         except (SandboxError, StopForward):
             raise

@@ -9,7 +9,7 @@ forward calls (generation steps). A skipped module's ``forward`` is wrapped for 
 """
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -27,9 +27,10 @@ def executor_counts_steps(executor: Executor) -> bool:
 class HookSession:
     """Context manager installing the hooks one graph run needs."""
 
-    def __init__(self, executor: Executor, root: nn.Module) -> None:
+    def __init__(self, executor: Executor, root: nn.Module, modules: Mapping[str, nn.Module] | None = None) -> None:
         self.ex = executor
         self.root = root
+        self.modules = modules
         self.handles: list[RemovableHandle] = []
         self.wrapped: list[nn.Module] = []
         self.fired: dict[tuple[str, str], int] = {}
@@ -62,7 +63,7 @@ class HookSession:
     def _install(self, path: str, kind: str) -> None:
         if kind in ("grad", "result"):
             return
-        module = self.root.get_submodule(path) if path else self.root
+        module = self.modules[path] if self.modules is not None else self.root.get_submodule(path)
         if kind == "output":
             self.handles.append(module.register_forward_hook(self._output_hook(path)))
         elif kind == "input":

@@ -8,7 +8,7 @@ that a backward pass leaves on parameters are restored to what they were.
 """
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -35,13 +35,17 @@ def needs_grad(graph: Graph) -> bool:
 
 
 def run_graph(graph: Graph, module: nn.Module, batch: Batch,
-              on_result: Callable[[Executor, Any], None] | None = None) -> dict[int, Any]:
-    """Execute ``graph`` while ``batch.call()`` runs ``module``; return {node id: saved value}."""
+              on_result: Callable[[Executor, Any], None] | None = None,
+              modules: Mapping[str, nn.Module] | None = None) -> dict[int, Any]:
+    """Execute ``graph`` while ``batch.call()`` runs ``module``; return {node id: saved value}.
+
+    ``modules`` (path -> module, as ``dict(module.named_modules())``) saves looking paths up per run.
+    """
     executor = Executor(graph, module, batch.rows, batch.size)
     grad = needs_grad(graph)
     saved_grads = [(p, p.grad) for p in module.parameters()] if grad else []
     try:
-        with torch.set_grad_enabled(grad), HookSession(executor, module):
+        with torch.set_grad_enabled(grad), HookSession(executor, module, modules):
             executor.start()
             try:
                 output = batch.call()

@@ -1,1 +1,11 @@
-"""Graph validator (issue 3): allowlist, limits and static checks on a submitted graph before it runs."""
+"""The restricted graph format's rulebook: what the server agrees to run, and why not otherwise.
+
+    from validator import validate, ModelSpec, Limits, ValidationError
+    spec = ModelSpec.from_module(hf_model, name="smollm2-135m")
+    checked = validate(graph_json, spec, Limits())
+"""
+from .spec import ModelSpec, ModuleSpec, TensorSpec
+from .types import Limits, ValidatedGraph, ValidationError
+from .validate import validate
+
+__all__ = ["Limits", "ModelSpec", "ModuleSpec", "TensorSpec", "ValidatedGraph", "ValidationError", "validate"]

@@ -1,0 +1,58 @@
+"""The validator's vocabulary: limits, the error it raises, and what a passed graph carries.
+
+    try:
+        checked = validate(graph_json, spec, Limits(max_nodes=500))
+    except ValidationError as err:
+        print(err.code, err.node, err.source, err.message)
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from sandbox_client.graph import Graph
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Configurable bounds on one request. Defaults suit a shared CPU/GPU server."""
+
+    max_nodes: int = 10_000
+    max_request_bytes: int = 96 * 2**20          # the JSON text itself
+    max_literal_tensor_bytes: int = 64 * 2**20   # all tensor literals and tensor inputs together
+    max_depth: int = 24                          # nesting of lists/tuples/dicts inside values
+    max_string_length: int = 20_000
+    max_list_length: int = 100_000
+    max_saves: int = 1_000
+    max_invokes: int = 64
+    max_batch_rows: int = 256
+    max_tokens_per_row: int = 8_192
+    max_new_tokens: int = 256
+    max_factory_elements: int = 2**26            # torch.zeros/ones/full/arange/randn and expand/repeat
+    max_source_length: int = 2_000               # the user's source line kept per node
+
+
+class ValidationError(Exception):
+    """A graph was refused. ``code`` is stable for machines; ``message`` says what to do."""
+
+    def __init__(self, code: str, message: str, *, node: int | None = None, source: str = "") -> None:
+        self.code = code
+        self.message = message
+        self.node = node
+        self.source = source
+        where = f" (node {node}" + (f", {source}" if source else "") + ")" if node is not None else ""
+        super().__init__(f"[{code}] {message}{where}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"code": self.code, "message": self.message, "node": self.node, "source": self.source}
+
+
+@dataclass(frozen=True)
+class ValidatedGraph:
+    """A graph that passed every rule, with facts the server uses to schedule it."""
+
+    graph: Graph
+    literal_tensor_bytes: int = 0
+    saves: int = 0
+    rows: int = 0
+    notes: tuple[str, ...] = field(default_factory=tuple)

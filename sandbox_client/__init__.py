@@ -9,6 +9,7 @@
 The graph (``tracer.graph``) is plain JSON (``to_json``/``Graph.from_json``); the same graph
 runs locally (here) or on a server.
 """
+from .apply import apply
 from .envoy import Envoy
 from .errors import (
     InterventionError,
@@ -25,7 +26,7 @@ from .proxy import Proxy
 from .tracer import Tracer, json_roundtrip
 
 __all__ = [
-    "Envoy", "Graph", "GraphFormatError", "InterventionError", "LanguageModel", "Model", "ModulePathError",
+    "Envoy", "Graph", "apply", "GraphFormatError", "InterventionError", "LanguageModel", "Model", "ModulePathError",
     "Node", "OrderError", "Proxy", "Ref", "SandboxError", "TraceError", "Tracer", "ValueNotReadyError",
     "json_roundtrip",
 ]

@@ -30,6 +30,12 @@ if TYPE_CHECKING:
     from .model import Model
 
 _ROUNDTRIP: contextvars.ContextVar[bool] = contextvars.ContextVar("sandbox_roundtrip", default=False)
+_CURRENT: contextvars.ContextVar[Tracer | None] = contextvars.ContextVar("sandbox_tracer", default=None)
+
+
+def current_tracer() -> Tracer | None:
+    """The innermost open trace in this thread/context, if any."""
+    return _CURRENT.get()
 
 
 @contextlib.contextmanager
@@ -69,11 +75,13 @@ class Tracer:
     # ----- context -------------------------------------------------------------------------
     def __enter__(self) -> Tracer:
         self._model()._begin(self)
+        self._token = _CURRENT.set(self)
         return self
 
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
         model = self._model()
         model._end(self)
+        _CURRENT.reset(self._token)
         self.model = None
         if exc_type is not None:
             self._failed = exc

@@ -17,7 +17,7 @@ _TORCH_PURE = {f"torch.{n}" for n in (
     "abs", "add", "addmm", "all", "allclose", "amax", "amin", "any", "argmax", "argmin", "argsort", "atan2",
     "baddbmm", "bmm", "broadcast_to", "cat", "ceil", "chunk", "clamp", "clip", "clone", "concat", "cos",
     "cosine_similarity", "count_nonzero", "cummax", "cumprod", "cumsum", "diag", "diagonal", "diff", "div",
-    "dot", "einsum", "eq", "erf", "exp", "flatten", "flip", "floor", "gather", "ge", "gelu", "gt", "hstack",
+    "dot", "einsum", "eq", "erf", "exp", "flatten", "flip", "floor", "gather", "ge", "gt", "hstack",
     "index_select", "isclose", "isfinite", "isinf", "isnan", "kthvalue", "layer_norm", "le", "lerp", "log",
     "log1p", "log_softmax", "logical_and", "logical_not", "logical_or", "logical_xor", "logsumexp", "lt",
     "masked_fill", "masked_select", "matmul", "max", "maximum", "mean", "median", "min", "minimum", "mm",

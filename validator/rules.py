@@ -14,6 +14,7 @@ from sandbox_client.events import is_mutation
 from sandbox_client.graph import Graph, Node, Ref
 
 from .allowlist import ATTRIBUTES, CAST_METHODS, FACTORIES, FUNCTIONS, SIZED_METHODS, TENSOR_METHODS
+from .restricted import UserFunctionError, check_source
 from .spec import ModelSpec
 from .types import Limits, ValidationError
 from .values import literal_int
@@ -106,6 +107,13 @@ def _check_getattr(node: Node, ctx: RuleContext) -> None:
                    f"{', '.join(sorted(ATTRIBUTES))})", node)
 
 
+def _check_apply(node: Node, ctx: RuleContext) -> None:
+    try:
+        check_source(node.target or "")
+    except UserFunctionError as err:
+        raise fail("user_function", str(err), node) from None
+
+
 def _check_param(node: Node, ctx: RuleContext) -> None:
     if not ctx.spec.has_param(node.target or ""):
         raise fail("param_path", f"no parameter or buffer {node.target!r} in model {ctx.spec.name!r}", node)
@@ -189,5 +197,6 @@ _BY_OP = {
     "call_method": _check_method,
     "getattr": _check_getattr,
     "param": _check_param,
+    "apply": _check_apply,
     **{op: _check_path for op in _PATH_OPS},
 }

@@ -37,6 +37,7 @@ OPS: dict[str, str] = {
     "getitem": "args[0][args[1]]",
     "setitem": "args[0][args[1]] = args[2] (in place)",
     "param": "a parameter or buffer of the model, by dotted name",
+    "apply": "call the user function whose source is target (compiled with RestrictedPython)",
     "save": "keep the value of args[0] for the user",
     "stop": "stop the forward once every other node has run",
     "result": "the generated token ids (generate only)",

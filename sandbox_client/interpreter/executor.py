@@ -162,8 +162,8 @@ class Executor:
         except (SandboxError, StopForward):
             raise
         except Exception as exc:
-            raise InterventionError(f"{node.op} {node.target or ''} failed: {type(exc).__name__}: {exc}".replace(
-                "  ", " "), source=node.source) from exc
+            what = "user function" if node.op == "apply" else f"{node.op} {node.target or ''}".strip()
+            raise InterventionError(f"{what} failed: {type(exc).__name__}: {exc}", source=node.source) from exc
         self.done[i] = True
         if self.refcount[i] > 0 or i in self.saved or i in self.pinned:
             self.values[i] = value

@@ -64,6 +64,10 @@ def run_op(ctx: OpContext, node: Node, args: tuple[Any, ...], kwargs: dict[str, 
         return _call_module(ctx, node.target or "", args, kwargs)
     if op == "param":
         return _param(ctx.module, node.target or "")
+    if op == "apply":
+        from validator.restricted import compile_user_function  # RestrictedPython lives with the rules
+
+        return compile_user_function(node.target or "", ctx.check_writable)(*args, **kwargs)
     raise ValueError(f"unknown op {op!r}")
 
 

@@ -12,10 +12,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
 from .errors import TraceError
-from .graph import Graph, Invoke
+from .graph import Graph, Invoke, Ref
 from .inputs import TokenBatch, pad_left, token_rows, unpadded_ids
 from .interpreter.executor import Executor
 from .interpreter.run import Batch, run_graph
@@ -34,6 +35,7 @@ class LanguageModel(Model):
             model, tokenizer = _load_folder(Path(model), tokenizer, load_kwargs)
         super().__init__(model)
         self._tokenizer = tokenizer
+        self._shapes: tuple[Any, nn.Module] | None = None
 
     @property
     def tokenizer(self) -> Any:
@@ -52,6 +54,27 @@ class LanguageModel(Model):
             return run_graph(graph, self._module, batch, _deliver_result, modules=self._modules_by_path)
         batch = self._trace_batch(graph, batch_tokens, rows)
         return run_graph(graph, self._module, batch, modules=self._modules_by_path)
+
+    def _scan_graph(self, graph: Graph) -> dict[int, Any]:
+        """Shapes without running: replay the model's shape template with the graph's nodes on meta tensors."""
+        from validator.shapes import dry_run  # the shape template lives with the validator's dry run
+
+        check_graph(graph, self._module_names)
+        tokens, rows = self._tokens(graph.invokes)
+        batch, seq = tokens.input_ids.shape
+        values = dry_run(graph, *self._shape_model(), batch=int(batch), seq=int(seq), rows=rows)
+        saved = {a.id for n in graph.nodes if n.op == "save" for a in n.args if isinstance(a, Ref)}
+        return {i: values[i] for i in saved if i in values}
+
+    def _shape_model(self) -> tuple[Any, nn.Module]:
+        if self._shapes is None:
+            from validator.shapes import ShapeTemplate, meta_copy
+
+            vocab = int(getattr(getattr(self._module, "config", None), "vocab_size", 2) or 2)
+            template = ShapeTemplate.probe(
+                self._module, lambda b, t: {"input_ids": torch.randint(0, vocab, (b, t))})
+            self._shapes = (template, meta_copy(self._module))
+        return self._shapes
 
     def _tokens(self, invokes: list[Invoke]) -> tuple[TokenBatch, list[slice | None]]:
         if len(invokes) == 1 and len(invokes[0].args) == 1:

@@ -42,6 +42,10 @@ class Model(Envoy):
         """Record interventions for one forward on ``args``/``kwargs`` (or on invokes added inside)."""
         return Tracer(self, "trace", args, kwargs)
 
+    def scan(self, *args: Any, **kwargs: Any) -> Tracer:
+        """Like ``trace``, but nothing runs: saved values are meta tensors with the right shapes and dtypes."""
+        return Tracer(self, "trace", args, kwargs, scan=True)
+
     # ----- tracer protocol -----------------------------------------------------------------
     def _begin(self, tracer: Tracer) -> None:
         if self._active is not None:
@@ -54,6 +58,9 @@ class Model(Envoy):
     def _run_graph(self, graph: Graph) -> dict[int, Any]:
         check_graph(graph, self._module_names)
         return run_graph(graph, self._module, self._batch(graph), modules=self._modules_by_path)
+
+    def _scan_graph(self, graph: Graph) -> dict[int, Any]:
+        raise TraceError("scan needs a sc.LanguageModel (its inputs define batch size and sequence length)")
 
     def _batch(self, graph: Graph) -> Batch:
         args, kwargs, rows, size = concat_invokes(graph.invokes)

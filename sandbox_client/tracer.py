@@ -56,7 +56,8 @@ class Tracer:
     """Records one trace or generation. Created by ``Model.trace`` / ``LanguageModel.generate``."""
 
     def __init__(self, model: Model, kind: str, args: tuple[Any, ...], kwargs: dict[str, Any],
-                 options: dict[str, Any] | None = None) -> None:
+                 options: dict[str, Any] | None = None, scan: bool = False) -> None:
+        self.scan = scan
         self.model: Model | None = model   # dropped after the run: kept results must not pin the model
         self.kind = kind
         self.nodes: list[Node] = []
@@ -92,7 +93,7 @@ class Tracer:
         if _ROUNDTRIP.get():
             graph = Graph.from_json(graph.to_json())
         try:
-            self._results = model._run_graph(graph)
+            self._results = model._scan_graph(graph) if self.scan else model._run_graph(graph)
         except BaseException as err:
             self._failed = err
             raise

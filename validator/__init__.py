@@ -4,8 +4,12 @@
     spec = ModelSpec.from_module(hf_model, name="smollm2-135m")
     checked = validate(graph_json, spec, Limits())
 """
+from .shapes import ShapeTemplate, dry_run, meta_copy
 from .spec import ModelSpec, ModuleSpec, TensorSpec
 from .types import Limits, ValidatedGraph, ValidationError
-from .validate import validate
+from .validate import DryRun, validate
 
-__all__ = ["Limits", "ModelSpec", "ModuleSpec", "TensorSpec", "ValidatedGraph", "ValidationError", "validate"]
+__all__ = [
+    "DryRun", "Limits", "ModelSpec", "ModuleSpec", "ShapeTemplate", "TensorSpec", "ValidatedGraph",
+    "ValidationError", "dry_run", "meta_copy", "validate",
+]

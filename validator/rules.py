@@ -39,21 +39,24 @@ def fail(code: str, message: str, node: Node) -> ValidationError:
 def check_node(node: Node, ctx: RuleContext) -> None:
     """Every rule that applies to one node."""
     _check_refs(node, ctx)
-    _check_binding(node, ctx)
+    if node.step != 0 or node.invoke is not None:
+        _check_binding(node, ctx)
     checker = _BY_OP.get(node.op)
     if checker is not None:
         checker(node, ctx)
-    if is_mutation(node) and node.args and isinstance(node.args[0], Ref) and node.args[0].id in ctx.weight_views:
-        raise fail("write_to_weight", "this writes into a model weight or buffer; weights are shared by every "
-                   "user and read-only: .clone() it first", node)
-    if _is_weight_view(node, ctx):
-        ctx.weight_views.add(node.id)
+    if ctx.weight_views or node.op == "param":
+        if is_mutation(node) and node.args and isinstance(node.args[0], Ref) and node.args[0].id in ctx.weight_views:
+            raise fail("write_to_weight", "this writes into a model weight or buffer; weights are shared by every "
+                       "user and read-only: .clone() it first", node)
+        if _is_weight_view(node, ctx):
+            ctx.weight_views.add(node.id)
 
 
 def _check_refs(node: Node, ctx: RuleContext) -> None:
-    for ref in node.refs():
-        if not 0 <= ref < node.id:
-            raise fail("bad_reference", f"node {node.id} refers to node {ref}; a node may only use earlier nodes",
+    refs = node.refs()
+    if refs and (min(refs) < 0 or max(refs) >= node.id):
+        ref = next(r for r in refs if not 0 <= r < node.id)
+        raise fail("bad_reference", f"node {node.id} refers to node {ref}; a node may only use earlier nodes",
                        node)
     if len(node.source) > ctx.limits.max_source_length:
         raise fail("string_length", "the node's source text is too long", node)

@@ -30,6 +30,7 @@ class Limits:
     max_new_tokens: int = 256
     max_factory_elements: int = 2**26            # torch.zeros/ones/full/arange/randn and expand/repeat
     max_source_length: int = 2_000               # the user's source line kept per node
+    max_result_bytes: int = 256 * 2**20          # saved values of one job (exact with a dry run)
 
 
 class ValidationError(Exception):
@@ -55,4 +56,5 @@ class ValidatedGraph:
     literal_tensor_bytes: int = 0
     saves: int = 0
     rows: int = 0
+    result_bytes: int | None = None              # known when validated with a dry run
     notes: tuple[str, ...] = field(default_factory=tuple)

@@ -9,16 +9,19 @@ options, then time order. The first failure raises ValidationError.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
+from torch import nn
 
 from sandbox_client.errors import ModulePathError, OrderError, TraceError
-from sandbox_client.graph import Graph, GraphFormatError
+from sandbox_client.graph import Graph, GraphFormatError, Ref
 from sandbox_client.order import check_order, check_paths
 
 from .allowlist import GENERATE_OPTIONS
 from .rules import RuleContext, check_node
+from .shapes import ShapeTemplate, dry_run
 from .spec import ModelSpec
 from .types import Limits, ValidatedGraph, ValidationError
 from .values import ValueStats, is_finite_number
@@ -26,8 +29,22 @@ from .values import ValueStats, is_finite_number
 _LM_FORWARD_OPTIONS = frozenset({"output_attentions", "output_hidden_states"})
 
 
-def validate(graph: Graph | str | bytes, spec: ModelSpec, limits: Limits | None = None) -> ValidatedGraph:
-    """Check ``graph`` against every rule; return it wrapped, or raise ValidationError."""
+@dataclass(frozen=True)
+class DryRun:
+    """What a shape dry run needs: the model's template, a meta copy, and the batch's token count."""
+
+    template: ShapeTemplate
+    meta_model: nn.Module
+    seq: int
+
+
+def validate(graph: Graph | str | bytes, spec: ModelSpec, limits: Limits | None = None,
+             dry: DryRun | None = None) -> ValidatedGraph:
+    """Check ``graph`` against every rule; return it wrapped, or raise ValidationError.
+
+    With ``dry``, also run the graph's nodes on meta tensors: shape errors are reported here and
+    the saved values' total size is checked exactly against ``limits.max_result_bytes``.
+    """
     limits = limits or Limits()
     parsed = graph if isinstance(graph, Graph) else parse(graph, limits)
     if len(parsed.nodes) > limits.max_nodes:
@@ -40,8 +57,10 @@ def validate(graph: Graph | str | bytes, spec: ModelSpec, limits: Limits | None 
     ctx = RuleContext(graph=parsed, spec=spec, limits=limits, weight_views=set())
     saves = 0
     for node in parsed.nodes:
-        stats.walk(node.args, node)
-        stats.walk(node.kwargs, node)
+        if node.args:
+            stats.walk(node.args, node)
+        if node.kwargs:
+            stats.walk(node.kwargs, node)
         check_node(node, ctx)
         saves += node.op == "save"
     if saves > limits.max_saves:
@@ -49,7 +68,31 @@ def validate(graph: Graph | str | bytes, spec: ModelSpec, limits: Limits | None 
     rows = check_inputs(parsed, spec, limits)
     check_options(parsed, limits)
     check_time_order(parsed, spec)
-    return ValidatedGraph(graph=parsed, literal_tensor_bytes=stats.tensor_bytes, saves=saves, rows=rows)
+    result_bytes = None
+    if dry is not None:
+        result_bytes = _dry_run_bytes(parsed, dry, rows, limits)
+    return ValidatedGraph(graph=parsed, literal_tensor_bytes=stats.tensor_bytes, saves=saves, rows=rows,
+                          result_bytes=result_bytes)
+
+
+def _dry_run_bytes(graph: Graph, dry: DryRun, rows: int, limits: Limits) -> int:
+    values = dry_run(graph, dry.template, dry.meta_model, batch=rows, seq=dry.seq)
+    saved = {a.id for n in graph.nodes if n.op == "save" for a in n.args if isinstance(a, Ref)}
+    total = sum(_nbytes(values.get(i)) for i in saved)
+    if total > limits.max_result_bytes:
+        raise ValidationError("result_too_large", f"the saved values total {total} bytes (limit "
+                              f"{limits.max_result_bytes}); save slices (e.g. [:, -1]) instead of whole tensors")
+    return total
+
+
+def _nbytes(value: Any) -> int:
+    if isinstance(value, torch.Tensor):
+        return value.numel() * value.element_size()
+    if isinstance(value, (list, tuple)):
+        return sum(_nbytes(v) for v in value)
+    if isinstance(value, dict):
+        return sum(_nbytes(v) for v in value.values())
+    return 0
 
 
 def parse(text: str | bytes, limits: Limits) -> Graph:

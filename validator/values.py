@@ -23,6 +23,15 @@ class ValueStats:
         self.tensor_bytes = 0
 
     def walk(self, value: Any, node: Node | None, depth: int = 0) -> None:
+        kind = type(value)
+        if kind in _LEAVES or value is None:
+            return
+        if kind is tuple and depth == 0:
+            for v in value:
+                if type(v) not in _LEAVES and v is not None:
+                    break
+            else:
+                return   # the common case: a node's args are references and numbers
         if depth > self.limits.max_depth:
             raise _err("depth", f"values are nested more than {self.limits.max_depth} levels deep", node)
         if isinstance(value, (list, tuple)):
@@ -48,6 +57,9 @@ class ValueStats:
             if self.tensor_bytes > self.limits.max_literal_tensor_bytes:
                 raise _err("literal_bytes", f"tensor literals total more than {self.limits.max_literal_tensor_bytes} "
                            "bytes; send smaller tensors or compute them inside the graph", node)
+
+
+_LEAVES = frozenset({Ref, int, float, bool, type(Ellipsis)})
 
 
 def literal_int(value: Any) -> int | None:

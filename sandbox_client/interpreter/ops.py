@@ -29,13 +29,14 @@ class OpContext:
     module: nn.Module
     batch: int
     adhoc_depth: int = 0
+    protect_weights: bool = True   # off only in shape-only dry runs on meta tensors (no real weights)
     _weight_storages: set[int] | None = field(default=None, repr=False)
 
     def merge(self, old: Any, new: Any, rows: slice | None) -> Any:
         return merge(old, new, rows, self.batch)
 
     def check_writable(self, target: Any) -> None:
-        if not isinstance(target, torch.Tensor):
+        if not isinstance(target, torch.Tensor) or not self.protect_weights:
             return
         if self._weight_storages is None:
             tensors = list(self.module.parameters()) + list(self.module.buffers())

@@ -1,0 +1,98 @@
+"""Dry runs on meta tensors give the shapes a real run gives, and catch shape errors before running."""
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import build_tiny
+
+import sandbox_client as sc
+from validator import DryRun, Limits, ModelSpec, ShapeTemplate, ValidationError, dry_run, meta_copy, validate
+
+ARCHS = ("gpt2", "llama", "qwen2")
+
+
+@pytest.fixture(scope="module", params=ARCHS)
+def setup(request: pytest.FixtureRequest):
+    hf = build_tiny(request.param)
+    template = ShapeTemplate.probe(hf, lambda b, t: {"input_ids": torch.randint(0, 1000, (b, t))})
+    return request.param, hf, sc.LanguageModel(hf), template, meta_copy(hf)
+
+
+def blocks(lm: sc.LanguageModel, arch: str):
+    return lm.transformer.h if arch == "gpt2" else lm.model.layers
+
+
+def final_norm(lm: sc.LanguageModel, arch: str):
+    return lm.transformer.ln_f if arch == "gpt2" else lm.model.norm
+
+
+def record(lm, ids, body):
+    tracer = lm.trace(ids)
+    tracer.__enter__()
+    try:
+        saved = body()
+    finally:
+        lm._end(tracer)
+    return tracer.graph, saved
+
+
+@pytest.mark.parametrize("batch, seq", [(1, 4), (3, 11)])
+def test_dry_run_shapes_equal_real_run(setup, batch: int, seq: int) -> None:
+    arch, hf, lm, template, meta = setup
+    ids = torch.randint(0, 1000, (batch, seq))
+
+    def body():
+        h = blocks(lm, arch)[1].output
+        return [h.save(), lm.lm_head(final_norm(lm, arch)(h))[:, -1].topk(5).indices.save(),
+                blocks(lm, arch)[0].mlp.output.mean(-1).save(), lm.output.logits.softmax(-1).save()]
+
+    graph, saved = record(lm, ids, body)
+    shapes = dry_run(graph, template, meta, batch=batch, seq=seq)
+    real = sc.LanguageModel(hf)._run_graph(graph)
+    for proxy in saved:
+        assert shapes[proxy._id].shape == real[proxy._id].shape
+        assert shapes[proxy._id].dtype == real[proxy._id].dtype
+        assert shapes[proxy._id].device.type == "meta"
+
+
+def test_shape_error_is_reported_before_running(setup) -> None:
+    arch, hf, lm, template, meta = setup
+    graph, _ = record(lm, torch.randint(0, 1000, (1, 5)), lambda: blocks(lm, arch)[0].output[:, :, 999].save())
+    with pytest.raises(ValidationError) as err:
+        dry_run(graph, template, meta, batch=1, seq=5)
+    assert err.value.code == "shape" and "test_shapes.py" in err.value.source
+
+
+def test_wrong_replacement_shape_is_refused(setup) -> None:
+    arch, hf, lm, template, meta = setup
+
+    def body():
+        blocks(lm, arch)[0].output = torch.zeros(2, 2)
+
+    graph, _ = record(lm, torch.randint(0, 1000, (1, 5)), body)
+    with pytest.raises(ValidationError, match="replacement") as err:
+        dry_run(graph, template, meta, batch=1, seq=5)
+    assert err.value.code == "shape"
+
+
+def test_validate_with_dry_run_bounds_the_result_exactly(setup) -> None:
+    arch, hf, lm, template, meta = setup
+    spec = ModelSpec.from_module(hf)
+    graph, _ = record(lm, torch.randint(0, 1000, (2, 6)), lambda: lm.output.logits.save())
+    checked = validate(graph.to_json(), spec, dry=DryRun(template, meta, seq=6))
+    assert checked.result_bytes == 2 * 6 * hf.config.vocab_size * 4
+    with pytest.raises(ValidationError) as err:
+        validate(graph.to_json(), spec, Limits(max_result_bytes=1000), dry=DryRun(template, meta, seq=6))
+    assert err.value.code == "result_too_large"
+
+
+def test_scan_gives_meta_values_with_real_shapes(setup) -> None:
+    arch, hf, lm, template, meta = setup
+    with lm.scan() as tracer:
+        with tracer.invoke([5, 6, 7, 8]):
+            a = blocks(lm, arch)[1].output.save()
+        with tracer.invoke([[1, 2], [3, 4]]):
+            b = lm.output.logits[:, -1].save()
+    assert a.value.shape == (1, 4, hf.config.hidden_size if arch != "gpt2" else hf.config.n_embd)
+    assert b.value.shape == (2, hf.config.vocab_size)
+    assert a.value.device.type == "meta"

@@ -37,13 +37,16 @@ def module_names(root: nn.Module) -> frozenset[str]:
 
 
 def check_paths(graph: Graph, names: Collection[str]) -> None:
-    skipped: list[tuple[str, Any, Node]] = []
     for node in graph.nodes:
         if node.op in _PATH_OPS:
             if (node.target or "") not in names:
                 raise ModulePathError(f"no module {node.target!r} in this model", source=node.source)
-        if node.op == "skip":
-            skipped.append((node.target or "", node.step, node))
+    check_skips(graph)
+
+
+def check_skips(graph: Graph) -> None:
+    """A module inside a skipped module never runs, so skipping both is an error."""
+    skipped = [(node.target or "", node.step, node) for node in graph.nodes if node.op == "skip"]
     for path, step, node in skipped:
         for other, other_step, _ in skipped:
             if other != path and path.startswith(other + ".") and step == other_step:

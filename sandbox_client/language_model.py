@@ -64,7 +64,7 @@ class LanguageModel(Model):
         batch, seq = tokens.input_ids.shape
         values = dry_run(graph, *self._shape_model(), batch=int(batch), seq=int(seq), rows=rows)
         saved = {a.id for n in graph.nodes if n.op == "save" for a in n.args if isinstance(a, Ref)}
-        return {i: values[i] for i in saved if i in values}
+        return {i: values[i] for i in saved if i in values and i >= 0}
 
     def _shape_model(self) -> tuple[Any, nn.Module]:
         if self._shapes is None:

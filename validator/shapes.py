@@ -68,7 +68,7 @@ def dry_run(graph: Graph, template: ShapeTemplate, meta_model: nn.Module, batch:
     Raises ValidationError('shape', node, source) when a node's operation fails on these shapes,
     and when a replacement's shape differs from what the model produces there.
     """
-    executor = Executor(graph, meta_model, [None] * len(graph.invokes), batch)
+    executor = MeasuringExecutor(graph, meta_model, [None] * len(graph.invokes), batch)
     executor.ctx.protect_weights = False
     executor.rows = rows if rows is not None else _rows(graph, batch)
     seen: dict[int, Any] = {}
@@ -95,7 +95,35 @@ def dry_run(graph: Graph, template: ShapeTemplate, meta_model: nn.Module, batch:
                               f"{getattr(err, 'message', err)}", source=source) from None
     seen.update(executor.values)
     seen.update(executor.results)
+    seen[EXTRA_BYTES] = executor.allocated
     return seen
+
+
+EXTRA_BYTES = -1   # key of dry_run's result holding the bytes the graph's own computations allocate
+
+
+class MeasuringExecutor(Executor):
+    """An executor that adds up the bytes of every value the graph computes (an upper bound on the
+    extra activation memory a job needs beyond the model's own forward)."""
+
+    allocated = 0
+
+    def _execute(self, node: Any, args: Any, kwargs: Any, rows: Any) -> Any:
+        value = super()._execute(node, args, kwargs, rows)
+        if node.op in ("call_function", "call_method", "call_module", "apply"):
+            self.allocated += nbytes(value)
+        return value
+
+
+def nbytes(value: Any) -> int:
+    """Bytes of the tensors in a (nested) value."""
+    if isinstance(value, torch.Tensor):
+        return value.numel() * value.element_size()
+    if isinstance(value, (list, tuple)):
+        return sum(nbytes(v) for v in value)
+    if isinstance(value, Mapping):
+        return sum(nbytes(v) for v in value.values())
+    return 0
 
 
 def _rows(graph: Graph, batch: int) -> list[slice | None]:

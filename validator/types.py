@@ -31,6 +31,7 @@ class Limits:
     max_factory_elements: int = 2**26            # torch.zeros/ones/full/arange/randn and expand/repeat
     max_source_length: int = 2_000               # the user's source line kept per node
     max_result_bytes: int = 256 * 2**20          # saved values of one job (exact with a dry run)
+    max_extra_activation_bytes: int = 2 * 2**30  # what the graph's own ops allocate (dry-run estimate)
 
 
 class ValidationError(Exception):

@@ -21,7 +21,7 @@ from sandbox_client.order import check_order, check_skips
 
 from .allowlist import GENERATE_OPTIONS
 from .rules import RuleContext, check_node
-from .shapes import ShapeTemplate, dry_run
+from .shapes import EXTRA_BYTES, ShapeTemplate, dry_run, nbytes
 from .spec import ModelSpec
 from .types import Limits, ValidatedGraph, ValidationError
 from .values import ValueStats, is_finite_number
@@ -78,21 +78,16 @@ def validate(graph: Graph | str | bytes, spec: ModelSpec, limits: Limits | None 
 def _dry_run_bytes(graph: Graph, dry: DryRun, rows: int, limits: Limits) -> int:
     values = dry_run(graph, dry.template, dry.meta_model, batch=rows, seq=dry.seq)
     saved = {a.id for n in graph.nodes if n.op == "save" for a in n.args if isinstance(a, Ref)}
-    total = sum(_nbytes(values.get(i)) for i in saved)
+    extra = values.get(EXTRA_BYTES, 0)
+    if extra > limits.max_extra_activation_bytes:
+        raise ValidationError("activation_memory", f"the graph's own computations would allocate about {extra} "
+                              f"bytes (limit {limits.max_extra_activation_bytes}); reduce batch, sequence or "
+                              "intermediate sizes")
+    total = sum(nbytes(values.get(i)) for i in saved)
     if total > limits.max_result_bytes:
         raise ValidationError("result_too_large", f"the saved values total {total} bytes (limit "
                               f"{limits.max_result_bytes}); save slices (e.g. [:, -1]) instead of whole tensors")
     return total
-
-
-def _nbytes(value: Any) -> int:
-    if isinstance(value, torch.Tensor):
-        return value.numel() * value.element_size()
-    if isinstance(value, (list, tuple)):
-        return sum(_nbytes(v) for v in value)
-    if isinstance(value, dict):
-        return sum(_nbytes(v) for v in value.values())
-    return 0
 
 
 def parse(text: str | bytes, limits: Limits) -> Graph:

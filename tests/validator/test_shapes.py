@@ -96,3 +96,21 @@ def test_scan_gives_meta_values_with_real_shapes(setup) -> None:
     assert a.value.shape == (1, 4, hf.config.hidden_size if arch != "gpt2" else hf.config.n_embd)
     assert b.value.shape == (2, hf.config.vocab_size)
     assert a.value.device.type == "meta"
+
+
+def test_validate_bounds_extra_activation_memory(setup) -> None:
+    arch, hf, lm, template, meta = setup
+    spec = ModelSpec.from_module(hf)
+
+    def body():
+        h = blocks(lm, arch)[0].output
+        return [(h.unsqueeze(-1) * h.unsqueeze(-2)).sum().save()]   # a (B, T, D, D) intermediate
+
+    graph, _ = record(lm, torch.randint(0, 1000, (1, 8)), body)
+    width = hf.config.hidden_size if arch != "gpt2" else hf.config.n_embd
+    checked = validate(graph.to_json(), spec, dry=DryRun(template, meta, seq=8))
+    assert checked.result_bytes == 4
+    with pytest.raises(ValidationError) as err:
+        validate(graph.to_json(), spec, Limits(max_extra_activation_bytes=8 * width * width * 4 - 1),
+                 dry=DryRun(template, meta, seq=8))
+    assert err.value.code == "activation_memory"

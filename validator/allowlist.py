@@ -28,6 +28,8 @@ _TORCH_PURE = {f"torch.{n}" for n in (
     "tanh", "tensordot", "topk", "trace", "transpose", "tril", "triu", "unbind", "unique", "unsqueeze",
     "var", "var_mean", "vstack", "where", "zeros_like", "ones_like", "full_like", "rand_like",
     "randn_like", "randint_like", "multinomial", "bucketize", "searchsorted", "cdist", "kron",
+    # the same objects as F.bilinear / F.pairwise_distance, which the client records under these names
+    "bilinear", "pairwise_distance",
 )}
 
 #: factory functions whose size arguments must be literal and bounded (never torch.empty: it exposes
@@ -75,6 +77,21 @@ ATTRIBUTES: frozenset[str] = frozenset({
 
 #: methods whose size arguments are bounded like factories
 SIZED_METHODS: frozenset[str] = frozenset({"expand", "repeat"})
+
+#: functions with an argument that sets the size of their result, bounded like factory sizes:
+#: name -> (parameter, its positional index)
+SIZED_FUNCTIONS: dict[str, tuple[str, int]] = {
+    "torch.broadcast_to": ("size", 1), "torch.multinomial": ("num_samples", 1),
+    "torch.nn.functional.one_hot": ("num_classes", 1), "torch.nn.functional.pad": ("pad", 1),
+}
+
+#: arguments that make a function write into an existing tensor (out=, inplace=True); never allowed,
+#: since such writes bypass the in-place checks: name -> (parameter, its positional index)
+WRITING_ARGUMENTS: dict[str, tuple[str, int]] = {
+    **{f"torch.nn.functional.{n}": ("inplace", i) for n, i in (
+        ("relu", 1), ("silu", 1), ("mish", 1), ("elu", 2), ("leaky_relu", 2), ("hardtanh", 3), ("dropout", 3))},
+    "torch.nn.functional.normalize": ("out", 4), "torch.norm": ("out", 4), "torch.tensordot": ("out", 3),
+}
 
 #: dtype/device casts: allowed to change dtype only
 CAST_METHODS: frozenset[str] = frozenset({"to", "type_as"})

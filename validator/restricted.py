@@ -60,18 +60,24 @@ def check_source(source: str) -> str:
         tree = ast.parse(source)
     except SyntaxError as err:
         raise UserFunctionError(f"the user function does not parse: {err.msg} (line {err.lineno})") from None
+    except (MemoryError, RecursionError, ValueError):   # the parser's own limits: absurd nesting, NUL bytes
+        raise UserFunctionError("the user function is nested too deeply or is not valid source text") from None
     if len(tree.body) != 1 or not isinstance(tree.body[0], ast.FunctionDef):
         raise UserFunctionError("the source must be exactly one plain `def` (no other statements)")
     func = tree.body[0]
     if func.decorator_list:
         raise UserFunctionError("user functions may not have decorators")
+    _walk_checked(func)
+    return func.name
+
+
+def _walk_checked(func: ast.FunctionDef) -> None:
     for node in ast.walk(func):
         refused = next((why for kind, why in _REFUSED_NODES.items() if isinstance(node, kind)), None)
         if refused is not None:
             raise UserFunctionError(f"user functions may not use {refused} (line {getattr(node, 'lineno', '?')})")
         if isinstance(node, ast.FunctionDef) and node is not func:
             raise UserFunctionError("user functions may not define nested functions")
-    return func.name
 
 
 @functools.lru_cache(maxsize=256)
@@ -81,6 +87,8 @@ def _compiled(source: str) -> tuple[Any, str]:
         code = compile_restricted(source, filename=f"<user function {_digest(source)}>", mode="exec")
     except SyntaxError as err:
         raise UserFunctionError(f"refused by RestrictedPython: {err}") from None
+    except (MemoryError, RecursionError, ValueError):
+        raise UserFunctionError("the user function is nested too deeply to compile") from None
     return code, name
 
 

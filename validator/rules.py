@@ -13,7 +13,16 @@ import torch
 from sandbox_client.events import is_mutation
 from sandbox_client.graph import Graph, Node, Ref
 
-from .allowlist import ATTRIBUTES, CAST_METHODS, FACTORIES, FUNCTIONS, SIZED_METHODS, TENSOR_METHODS
+from .allowlist import (
+    ATTRIBUTES,
+    CAST_METHODS,
+    FACTORIES,
+    FUNCTIONS,
+    SIZED_FUNCTIONS,
+    SIZED_METHODS,
+    TENSOR_METHODS,
+    WRITING_ARGUMENTS,
+)
 from .restricted import UserFunctionError, check_source
 from .spec import ModelSpec
 from .types import Limits, ValidationError
@@ -85,8 +94,14 @@ def _check_function(node: Node, ctx: RuleContext) -> None:
     name = node.target or ""
     if name not in FUNCTIONS:
         raise fail("target_not_allowed", f"function {name!r} is not on the allowlist; {_DANGER_HINT}", node)
+    if node.kwargs:
+        _check_keywords(node)
+    if name in WRITING_ARGUMENTS:
+        _check_writing_argument(node, *WRITING_ARGUMENTS[name])
     if name in FACTORIES:
         _check_factory(node, ctx)
+    elif name in SIZED_FUNCTIONS:
+        _check_sized_function(node, ctx)
 
 
 def _check_method(node: Node, ctx: RuleContext) -> None:
@@ -95,19 +110,52 @@ def _check_method(node: Node, ctx: RuleContext) -> None:
         raise fail("target_not_allowed", f"tensor method {name!r} is not on the allowlist; {_DANGER_HINT}", node)
     if name in CAST_METHODS:
         _check_cast(node)
+    elif node.kwargs:
+        _check_keywords(node)
     if name in SIZED_METHODS:
-        _check_sizes(node, node.args[1:], ctx)
-    if name == "backward" and set(node.kwargs) - {"retain_graph"}:
-        raise fail("argument_not_allowed", "backward() accepts only retain_graph=", node)
+        keyword = node.kwargs.get("size", node.kwargs.get("repeats"))
+        _check_sizes(node, (*node.args[1:], *(() if keyword is None else (keyword,))), ctx)
+    if name == "backward" and (set(node.kwargs) - {"retain_graph"} or len(node.args) > 2):
+        raise fail("argument_not_allowed", "backward() accepts only a gradient and retain_graph=", node)
 
 
 def _check_getattr(node: Node, ctx: RuleContext) -> None:
     name = node.target or ""
     if "__" in name or name.startswith("_"):
         raise fail("dunder", f"attribute {name!r}: private and dunder attributes are never reachable", node)
-    if name not in ATTRIBUTES:
-        raise fail("attribute_not_allowed", f"attribute {name!r} is not on the allowlist (allowed: "
-                   f"{', '.join(sorted(ATTRIBUTES))})", node)
+    if name in ATTRIBUTES:
+        return
+    if name in TENSOR_METHODS and not _is_used(node, ctx.graph):
+        return   # the method lookup a recorded call leaves behind (x.type_as(...)); nothing uses its value
+    raise fail("attribute_not_allowed", f"attribute {name!r} is not on the allowlist (allowed: "
+               f"{', '.join(sorted(ATTRIBUTES))})", node)
+
+
+def _is_used(node: Node, graph: Graph) -> bool:
+    return any(node.id in later.refs() for later in graph.nodes[node.id + 1:])
+
+
+def _check_grad(node: Node, ctx: RuleContext) -> None:
+    arg = node.args[0] if node.args else None
+    if not isinstance(arg, Ref) or ctx.graph.nodes[arg.id].op != "output":
+        raise fail("grad_target", "'.grad' exists only on a module's output read (layer.output.grad)", node)
+
+
+def _check_keywords(node: Node) -> None:
+    """Keywords no call may pass: a device (the server decides where tensors live) or a buffer to write."""
+    if "device" in node.kwargs:
+        raise fail("device_move", f"{node.target} may not choose a device: the server decides where tensors live",
+                   node)
+    if "out" in node.kwargs or node.kwargs.get("inplace", False) is not False:
+        raise fail("argument_not_allowed", f"{node.target}: out= and inplace= write into an existing tensor, "
+                   "which graphs may not do this way; drop them and use the returned value", node)
+
+
+def _check_writing_argument(node: Node, name: str, index: int) -> None:
+    value = node.args[index] if len(node.args) > index else node.kwargs.get(name)
+    if value is not None and value is not False:
+        raise fail("argument_not_allowed", f"{node.target}: {name} writes into an existing tensor; drop it and "
+                   "use the returned value", node)
 
 
 def _check_apply(node: Node, ctx: RuleContext) -> None:
@@ -140,13 +188,38 @@ def _check_factory(node: Node, ctx: RuleContext) -> None:
     if name in ("torch.arange", "torch.linspace"):
         _check_range(node, ctx)
         return
-    if name == "torch.randint":
-        _check_sizes(node, node.args[-1:] if node.args else (), ctx)
-        return
-    sizes = node.args[:1] if name in ("torch.full", "torch.eye") else node.args
     if "size" in node.kwargs:
-        sizes = (node.kwargs["size"],)
+        sizes: tuple[Any, ...] = (node.kwargs["size"],)
+    elif name == "torch.randint":
+        sizes = node.args[-1:] if node.args else ()    # randint(high, size) or randint(low, high, size)
+    elif name == "torch.eye":                          # eye(n) is n x n, eye(n, m) is n x m
+        n = node.args[0] if node.args else node.kwargs.get("n")
+        m = node.args[1] if len(node.args) > 1 else node.kwargs.get("m", n)
+        sizes = (n, m)
+    elif name == "torch.full":
+        sizes = node.args[:1]
+    else:
+        sizes = node.args
     _check_sizes(node, sizes, ctx)
+
+
+def _check_sized_function(node: Node, ctx: RuleContext) -> None:
+    name = node.target or ""
+    param, index = SIZED_FUNCTIONS[name]
+    value = node.args[index] if len(node.args) > index else node.kwargs.get(param)
+    if name == "torch.nn.functional.pad":
+        # each padded dimension grows by its two pads: bound the growth like repeat()'s factors
+        pads = value if isinstance(value, (list, tuple)) else None
+        if pads is None or any(literal_int(p) is None for p in pads):
+            raise fail("factory_size", f"{name}: pads must be a literal list of integers", node)
+        growth = [1 + max(pads[i], 0) + max(pads[i + 1] if i + 1 < len(pads) else 0, 0)
+                  for i in range(0, len(pads), 2)]
+        _check_sizes(node, (growth,), ctx)
+    elif name == "torch.nn.functional.one_hot" and (literal_int(value) or 0) < 1:
+        raise fail("factory_size", f"{name}: num_classes must be given as a literal positive integer so the "
+                   "server can bound the result's size", node)
+    else:
+        _check_sizes(node, (value,), ctx)
 
 
 def _check_sizes(node: Node, sizes: tuple[Any, ...], ctx: RuleContext) -> None:
@@ -168,38 +241,66 @@ def _check_sizes(node: Node, sizes: tuple[Any, ...], ctx: RuleContext) -> None:
 
 
 def _check_range(node: Node, ctx: RuleContext) -> None:
-    numbers = [v for v in node.args if not isinstance(v, torch.dtype)][:3]
-    if not numbers or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-                              for v in numbers):
+    positional = [v for v in node.args if not isinstance(v, torch.dtype)]
+    if node.target == "torch.linspace":
+        names: tuple[str, ...] = ("start", "end", "steps")
+    else:
+        names = ("end",) if len(positional) == 1 else ("start", "end", "step")
+    bound = {**dict(zip(names, positional, strict=False)),
+             **{k: v for k, v in node.kwargs.items() if k in ("start", "end", "step", "steps")}}
+    if "end" not in bound or not all(_bounded_number(v) for v in bound.values()):
         raise fail("factory_size", f"{node.target}: bounds must be finite literal numbers", node)
     if node.target == "torch.linspace":
-        count = numbers[2] if len(numbers) > 2 else node.kwargs.get("steps", 0)
+        count = bound.get("steps", 0)
     else:
-        start, end, step = (0, numbers[0], 1) if len(numbers) == 1 else (*numbers[:2], numbers[2] if len(numbers) > 2
-                                                                         else 1)
+        start, end, step = bound.get("start", 0), bound["end"], bound.get("step", 1)
         count = abs((end - start) / step) if step else math.inf
     if not isinstance(count, (int, float)) or count > ctx.limits.max_factory_elements:
         raise fail("factory_size", f"{node.target} would create more than {ctx.limits.max_factory_elements} "
                    "elements", node)
 
 
+def _bounded_number(value: Any) -> bool:
+    """A literal number torch can take as a bound: finite, and an int within int64 (10**400 overflows a float)."""
+    if isinstance(value, bool):
+        return False
+    if isinstance(value, int):
+        return -(2**63) <= value < 2**63
+    return isinstance(value, float) and math.isfinite(value)
+
+
 def _is_weight_view(node: Node, ctx: RuleContext) -> bool:
     if node.op == "param":
         return True
+    if node.op == "call_function" and node.target in _WEIGHT_VIEW_FUNCTIONS:   # torch.t(w), einsum('ij->ji', w)
+        return any(isinstance(a, Ref) and a.id in ctx.weight_views
+                   for arg in node.args for a in (arg if isinstance(arg, (list, tuple)) else (arg,)))
     if not node.args or not isinstance(node.args[0], Ref) or node.args[0].id not in ctx.weight_views:
         return False
     return node.op in ("getitem", "getattr") or (node.op == "call_method" and node.target in _WEIGHT_VIEWS)
 
 
+# results that may share storage with their input: views, and casts that return the input itself
+# when nothing changes (w.float() is w for a float32 w)
 _WEIGHT_VIEWS = frozenset({"view", "view_as", "reshape", "transpose", "permute", "t", "detach", "narrow",
-                           "select", "squeeze", "unsqueeze", "expand", "flatten", "unflatten", "movedim",
-                           "swapaxes", "diagonal", "contiguous", "split", "chunk", "unbind", "reshape_as"})
+                           "select", "squeeze", "unsqueeze", "expand", "expand_as", "flatten", "unflatten",
+                           "movedim", "swapaxes", "diagonal", "contiguous", "split", "chunk", "unbind",
+                           "reshape_as", "to", "type_as", "float", "double", "half", "bfloat16", "int", "long",
+                           "bool"})
+_WEIGHT_VIEW_FUNCTIONS = frozenset({
+    "operator.getitem", "operator.pos", "torch.t", "torch.transpose", "torch.permute", "torch.reshape",
+    "torch.flatten", "torch.squeeze", "torch.unsqueeze", "torch.select", "torch.narrow", "torch.diagonal",
+    "torch.movedim", "torch.swapaxes", "torch.split", "torch.chunk", "torch.unbind", "torch.broadcast_to",
+    "torch.einsum", "torch.nn.functional.dropout",
+})
 
 _BY_OP = {
     "call_function": _check_function,
     "call_method": _check_method,
     "getattr": _check_getattr,
     "param": _check_param,
+    "grad": _check_grad,
+    "set_grad": _check_grad,
     "apply": _check_apply,
     **{op: _check_path for op in _PATH_OPS},
 }

@@ -3,12 +3,13 @@
     checked = validate(request_text, spec)          # or a Graph
     run_graph(checked.graph, ...)                   # the server runs only validated graphs
 
-Order of checks: size of the text, parse, node count, every value (depth, lengths, tensor
-bytes), every node (allowlist, arguments, paths, bindings, writes to weights), the inputs and
-options, then time order. The first failure raises ValidationError.
+Order of checks: size of the text, parse, node count, generate options, every value (depth,
+lengths, tensor bytes), every node (allowlist, arguments, paths, bindings, writes to weights),
+the inputs, then time order. The first failure raises ValidationError.
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -49,6 +50,7 @@ def validate(graph: Graph | str | bytes, spec: ModelSpec, limits: Limits | None 
     parsed = graph if isinstance(graph, Graph) else parse(graph, limits)
     if len(parsed.nodes) > limits.max_nodes:
         raise ValidationError("too_many_nodes", f"{len(parsed.nodes)} nodes (limit {limits.max_nodes})")
+    check_options(parsed, limits)   # before the nodes: their step bounds read max_new_tokens
     stats = ValueStats(limits)
     for inv in parsed.invokes:
         stats.walk(inv.args, None)
@@ -66,7 +68,6 @@ def validate(graph: Graph | str | bytes, spec: ModelSpec, limits: Limits | None 
     if saves > limits.max_saves:
         raise ValidationError("too_many_saves", f"{saves} saved values (limit {limits.max_saves})")
     rows = check_inputs(parsed, spec, limits)
-    check_options(parsed, limits)
     check_time_order(parsed, spec)
     result_bytes = None
     if dry is not None:
@@ -96,14 +97,33 @@ def parse(text: str | bytes, limits: Limits) -> Graph:
         raise ValidationError("format", "a graph must be JSON text")
     if len(text) > limits.max_request_bytes:
         raise ValidationError("request_too_large", f"the graph is {len(text)} bytes (limit {limits.max_request_bytes})")
-    marker = b'"op":' if isinstance(text, bytes) else '"op":'
-    if text.count(marker) > limits.max_nodes:  # type: ignore[arg-type]
+    if isinstance(text, bytes):
+        # the wire format is UTF-8; json.loads would also accept UTF-16/32, which the node count below cannot read
+        try:
+            text = text.decode("utf-8")
+        except UnicodeDecodeError as err:
+            raise ValidationError("format", f"the graph is not UTF-8 text: {err}") from None
+    if _count_node_keys(text, limits.max_nodes + 1) > limits.max_nodes:
         raise ValidationError("too_many_nodes", f"more than {limits.max_nodes} nodes")
     try:
         return Graph.from_json(text)
     except GraphFormatError as err:
         code = "version" if "version" in str(err) else "depth" if "nested too deeply" in str(err) else "format"
         raise ValidationError(code, str(err)) from None
+
+
+# every spelling of an "op" key (whitespace before the colon, \\u escapes): one per node at least. Counting these
+# before parsing refuses a huge graph in milliseconds instead of building all of its nodes.
+_NODE_KEY = re.compile(r'"(?:o|\\u006[fF])(?:p|\\u0070)"[ \t\r\n]*:')
+
+
+def _count_node_keys(text: str, stop: int) -> int:
+    count = 0
+    for _ in _NODE_KEY.finditer(text):
+        count += 1
+        if count >= stop:
+            break
+    return count
 
 
 def check_inputs(graph: Graph, spec: ModelSpec, limits: Limits) -> int:

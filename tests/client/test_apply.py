@@ -3,9 +3,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import build_tiny
 
 import sandbox_client as sc
-from conftest import build_tiny
 
 
 @pytest.fixture(scope="module")

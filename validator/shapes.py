@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import copy
 import itertools
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -32,6 +33,7 @@ Dim = int | str            # a constant, "B", "T" or "?"
 Struct = Any               # ("tensor", dims, dtype) | ("seq", type, [Struct]) | ("map", type, {k: Struct}) | None
 MakeBatch = Callable[[int, int], dict[str, Any]]
 _PROBES = ((1, 3), (2, 5))
+USER_FUNCTION_SECONDS = 2.0   # budget of user-function loops during one dry run
 
 
 @dataclass(frozen=True)
@@ -70,6 +72,7 @@ def dry_run(graph: Graph, template: ShapeTemplate, meta_model: nn.Module, batch:
     """
     executor = MeasuringExecutor(graph, meta_model, [None] * len(graph.invokes), batch)
     executor.ctx.protect_weights = False
+    executor.ctx.deadline = time.monotonic() + USER_FUNCTION_SECONDS
     executor.rows = rows if rows is not None else _rows(graph, batch)
     seen: dict[int, Any] = {}
     try:
@@ -109,10 +112,26 @@ class MeasuringExecutor(Executor):
     allocated = 0
 
     def _execute(self, node: Any, args: Any, kwargs: Any, rows: Any) -> Any:
-        value = super()._execute(node, args, kwargs, rows)
+        if node.op == "call_method" and node.target == "backward":
+            return None   # gradients have the shapes of their activations; nothing to learn by running it
+        value = super()._execute(node, _on_meta(args), _on_meta(kwargs), rows)
         if node.op in ("call_function", "call_method", "call_module", "apply"):
             self.allocated += nbytes(value)
         return value
+
+
+def _on_meta(value: Any) -> Any:
+    """Literal tensors from the request join meta tensors on the meta device."""
+    if isinstance(value, torch.Tensor):
+        return value if value.device.type == "meta" else value.to("meta")
+    kind = type(value)   # exact types only: model outputs (dict subclasses) are already on meta
+    if kind is tuple:
+        return tuple(_on_meta(v) for v in value)
+    if kind is list:
+        return [_on_meta(v) for v in value]
+    if kind is dict:
+        return {k: _on_meta(v) for k, v in value.items()}
+    return value
 
 
 def nbytes(value: Any) -> int:

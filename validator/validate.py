@@ -108,7 +108,9 @@ def parse(text: str | bytes, limits: Limits) -> Graph:
     try:
         return Graph.from_json(text)
     except GraphFormatError as err:
-        code = "version" if "version" in str(err) else "depth" if "nested too deeply" in str(err) else "format"
+        text = str(err)
+        code = ("version" if text.startswith("graph format version") else
+                "depth" if "nested too deeply" in text else "format")
         raise ValidationError(code, str(err)) from None
 
 

@@ -20,7 +20,7 @@ from .values import GraphFormatError, Ref, decode_value, encode_value
 FORMAT_VERSION = 1
 Step = int | Literal["all"]
 
-#: op -> whether it names a module path in ``target``
+#: op -> what it does (the format's complete list of operations)
 OPS: dict[str, str] = {
     "output": "read a module's output (path '' is the model's return value)",
     "input": "read a module's first positional argument",

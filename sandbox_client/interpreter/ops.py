@@ -30,6 +30,7 @@ class OpContext:
     batch: int
     adhoc_depth: int = 0
     protect_weights: bool = True   # off only in shape-only dry runs on meta tensors (no real weights)
+    deadline: float | None = None  # time.monotonic() by which user functions must finish their loops
     _weight_storages: set[int] | None = field(default=None, repr=False)
 
     def merge(self, old: Any, new: Any, rows: slice | None) -> Any:
@@ -68,7 +69,7 @@ def run_op(ctx: OpContext, node: Node, args: tuple[Any, ...], kwargs: dict[str, 
     if op == "apply":
         from validator.restricted import compile_user_function  # RestrictedPython lives with the rules
 
-        return compile_user_function(node.target or "", ctx.check_writable)(*args, **kwargs)
+        return compile_user_function(node.target or "", ctx.check_writable, ctx.deadline)(*args, **kwargs)
     raise ValueError(f"unknown op {op!r}")
 
 

@@ -6,14 +6,17 @@
 Any exception other than the allowed outcomes (graph_fuzz.check_outcome: a Graph or
 GraphFormatError from the decoder, a ValidatedGraph or ValidationError from the validator)
 stops the run and writes the input to ``/tmp/atheris-graph-*/crash-<sha1>`` (the path is
-printed; ``-artifact_prefix=DIR/`` chooses another place); replay it with
-``.venv/bin/python tests/fuzz/atheris_graph.py /tmp/atheris-graph-*/crash-<sha1>``. Other libFuzzer flags pass
-through: ``-max_total_time=600``, ``-timeout=1`` (seconds per input), ``-jobs=2``, and corpus
-directories (``... tests/fuzz/atheris_graph.py my_corpus/``: new interesting inputs are kept
-there). Seeds are the graphs recorded on a tiny model (tests/graph_corpus.py). Half of the
-mutations are libFuzzer's own byte mutations (guided by a dictionary of the format's keys,
-tags, ops and hostile names), half are structural: parse the JSON, change one field (drop,
-duplicate, retype, edge numbers, hostile ops and names), write it back.
+printed; ``-artifact_prefix=DIR/`` chooses another place). Replay it with
+``.venv/bin/python tests/fuzz/atheris_graph.py /tmp/atheris-graph-*/crash-<sha1>``.
+
+Other libFuzzer flags pass through: ``-max_total_time=600``, ``-timeout=1`` (seconds per
+input), ``-jobs=2``, ``-max_len=20000`` (inputs longer than the largest seed, 6 KB, are not
+tried otherwise), and corpus directories (``... atheris_graph.py my_corpus/`` keeps the new
+interesting inputs there). Seeds are the graphs recorded on a tiny model
+(tests/graph_corpus.py). Half of the mutations are libFuzzer's own byte mutations (guided by a
+dictionary of the format's keys, tags, ops and hostile names), half are structural: parse the
+JSON, change one field (drop, duplicate, retype, edge numbers, hostile ops and names), write
+it back.
 
 Only ``sandbox_client`` and ``validator`` are instrumented for coverage (torch is not: it
 would make every input 100x slower).

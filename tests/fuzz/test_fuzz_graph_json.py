@@ -5,7 +5,7 @@ with sandbox_client (drop, duplicate, replace, retype fields; edge numbers; host
 text mutations (truncation, random bytes), and user-function sources for ``apply`` nodes. The outcome
 rule is graph_fuzz.check_outcome, with and without a dry run on meta tensors. Derandomized: the same
 examples on every run (6,700 in all), each under a 1 s deadline.
-Known crashes are pinned as reproducers in ``test_reproducer``.
+Crashes they found are pinned, minimal, in ``REPRODUCERS``.
 """
 from __future__ import annotations
 
@@ -305,7 +305,8 @@ REPRODUCERS: dict[str, tuple[str, Callable[[dict[str, Any]], None]]] = {
                                                kwargs=[])),
     "linspace_huge_int": ("earlier_value", _node(1, op="call_function", target="torch.linspace",
                                                  args=[0, 2**1100, 5], kwargs=[])),
-    # deeply nested user-function expressions: ast.parse raises RecursionError/MemoryError, not SyntaxError
+    # deeply nested user-function expressions: ast.parse raised RecursionError/MemoryError, not SyntaxError
+    # (restricted.check_source; fixed)
     "apply_deep_unary": ("grad_apply", _node(13, target="def f(x):\n    return " + "-" * 19000 + "x\n")),
     "apply_deep_binary": ("grad_apply", _node(13, target="def f(x):\n    return x" + "+x" * 9000 + "\n")),
     "apply_deep_attribute": ("grad_apply", _node(13, target="def f(x):\n    return x" + ".a" * 9000 + "\n")),

@@ -114,3 +114,32 @@ def test_validate_bounds_extra_activation_memory(setup) -> None:
         validate(graph.to_json(), spec, Limits(max_extra_activation_bytes=8 * width * width * 4 - 1),
                  dry=DryRun(template, meta, seq=8))
     assert err.value.code == "activation_memory"
+
+
+def test_every_recorded_feature_graph_passes_the_dry_run() -> None:
+    """Literals from the request, gradients and user functions all survive a dry run on meta tensors."""
+    from graph_corpus import recorded_graphs, tiny_model
+
+    texts, spec = recorded_graphs()
+    hf = tiny_model()
+    template = ShapeTemplate.probe(hf, lambda b, t: {"input_ids": torch.randint(0, 1000, (b, t))})
+    dry = DryRun(template, meta_copy(hf), seq=6)
+    for name, text in texts.items():
+        if not name.startswith("refused"):
+            assert validate(text, spec, dry=dry).result_bytes is not None, name
+
+
+def test_user_function_loops_are_time_bounded_in_a_dry_run(setup) -> None:
+    arch, hf, lm, template, meta = setup
+
+    def spin(h):
+        for i in range(999_999):
+            h = h @ torch.ones(64, 64)
+        return h
+
+    graph, _ = record(lm, torch.randint(0, 1000, (1, 4)), lambda: sc.apply(spin, blocks(lm, arch)[0].output).save())
+    import time
+    start = time.monotonic()
+    with pytest.raises(ValidationError, match="time limit"):
+        dry_run(graph, template, meta, batch=1, seq=4)
+    assert time.monotonic() - start < 10

@@ -28,6 +28,7 @@ from .spec import ModelSpec
 from .types import Limits, ValidationError
 from .values import literal_int
 
+_WRITE_VALUE_OPS = frozenset({"set_output", "set_input", "skip"})
 _PATH_OPS = frozenset({"output", "input", "inputs", "set_output", "set_input", "skip", "call_module"})
 _DANGER_HINT = ("files, processes, imports, serialization and raw memory are never reachable from a graph; "
                 "see docs/security.md for what is allowed")
@@ -87,13 +88,25 @@ def _check_binding(node: Node, ctx: RuleContext) -> None:
 def _check_path(node: Node, ctx: RuleContext) -> None:
     path = node.target or ""
     if path not in ctx.spec.modules:
-        raise fail("module_path", f"no module {path!r} in model {ctx.spec.name!r}", node)
+        raise fail("module_path", f"no module {_short(path)!r} in model {ctx.spec.name!r}", node)
+    if node.op == "call_module" and path == "":
+        raise fail("argument_not_allowed", "the whole model cannot be called ad hoc inside a graph (its inputs "
+                   "would escape the batch limits); add an invoke instead", node)
+    if node.op in _WRITE_VALUE_OPS:
+        value = node.args[0] if node.args else None
+        if isinstance(value, Ref) and value.id in ctx.weight_views:
+            raise fail("write_to_weight", "a model weight cannot become a module's input or output: the model's own "
+                       "in-place operations could then write into it; pass weight.clone() instead", node)
+
+
+def _short(name: str, limit: int = 80) -> str:
+    return name if len(name) <= limit else name[:limit] + "..."
 
 
 def _check_function(node: Node, ctx: RuleContext) -> None:
     name = node.target or ""
     if name not in FUNCTIONS:
-        raise fail("target_not_allowed", f"function {name!r} is not on the allowlist; {_DANGER_HINT}", node)
+        raise fail("target_not_allowed", f"function {_short(name)!r} is not on the allowlist; {_DANGER_HINT}", node)
     if node.kwargs:
         _check_keywords(node)
     if name in WRITING_ARGUMENTS:
@@ -107,7 +120,8 @@ def _check_function(node: Node, ctx: RuleContext) -> None:
 def _check_method(node: Node, ctx: RuleContext) -> None:
     name = node.target or ""
     if "__" in name or name not in TENSOR_METHODS:
-        raise fail("target_not_allowed", f"tensor method {name!r} is not on the allowlist; {_DANGER_HINT}", node)
+        raise fail("target_not_allowed", f"tensor method {_short(name)!r} is not on the allowlist; {_DANGER_HINT}",
+                   node)
     if name in CAST_METHODS:
         _check_cast(node)
     elif node.kwargs:
@@ -122,12 +136,12 @@ def _check_method(node: Node, ctx: RuleContext) -> None:
 def _check_getattr(node: Node, ctx: RuleContext) -> None:
     name = node.target or ""
     if "__" in name or name.startswith("_"):
-        raise fail("dunder", f"attribute {name!r}: private and dunder attributes are never reachable", node)
+        raise fail("dunder", f"attribute {_short(name)!r}: private and dunder attributes are never reachable", node)
     if name in ATTRIBUTES:
         return
     if name in TENSOR_METHODS and not _is_used(node, ctx.graph):
         return   # the method lookup a recorded call leaves behind (x.type_as(...)); nothing uses its value
-    raise fail("attribute_not_allowed", f"attribute {name!r} is not on the allowlist (allowed: "
+    raise fail("attribute_not_allowed", f"attribute {_short(name)!r} is not on the allowlist (allowed: "
                f"{', '.join(sorted(ATTRIBUTES))})", node)
 
 

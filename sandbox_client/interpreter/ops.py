@@ -50,6 +50,8 @@ class OpContext:
 def run_op(ctx: OpContext, node: Node, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
     """Execute one computing node on resolved arguments."""
     op = node.op
+    if kwargs and ("out" in kwargs or kwargs.get("inplace")):
+        _check_writing_kwargs(ctx, args, kwargs)
     if op == "call_function":
         return resolve_function(node.target or "")(*args, **kwargs)
     if op == "call_method":
@@ -71,6 +73,14 @@ def run_op(ctx: OpContext, node: Node, args: tuple[Any, ...], kwargs: dict[str, 
 
         return compile_user_function(node.target or "", ctx.check_writable, ctx.deadline)(*args, **kwargs)
     raise ValueError(f"unknown op {op!r}")
+
+
+def _check_writing_kwargs(ctx: OpContext, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+    """out= and inplace=True write into an existing tensor: never into a weight (the validator refuses
+    them outright; this is the run-time double check for graphs run without it)."""
+    ctx.check_writable(kwargs.get("out"))
+    if kwargs.get("inplace") and args:
+        ctx.check_writable(args[0])
 
 
 def _call_method(ctx: OpContext, name: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:

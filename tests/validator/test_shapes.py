@@ -133,7 +133,7 @@ def test_user_function_loops_are_time_bounded_in_a_dry_run(setup) -> None:
     arch, hf, lm, template, meta = setup
 
     def spin(h):
-        for i in range(999_999):
+        for i in range(999_999):  # noqa: B007 (user functions may not use _names)
             h = h @ torch.ones(64, 64)
         return h
 

@@ -77,6 +77,25 @@ def tiny_hf(arch: str) -> PreTrainedModel:
     return build_tiny(arch)
 
 
+@pytest.fixture(scope="module")
+def built() -> dict[str, PreTrainedModel]:
+    """One tiny model per arch for a whole test module (for tests that edit activations, never weights)."""
+    return {}
+
+
+@pytest.fixture
+def hf(arch: str, built: dict[str, PreTrainedModel]) -> PreTrainedModel:
+    """The module's shared tiny model of this arch; test files may override with their own ``hf``."""
+    if arch not in built:
+        built[arch] = build_tiny(arch)
+    return built[arch]
+
+
+@pytest.fixture
+def lm(hf: PreTrainedModel, gpt2_tokenizer: GPT2TokenizerFast) -> sc.LanguageModel:
+    return sc.LanguageModel(hf, tokenizer=gpt2_tokenizer)
+
+
 @pytest.fixture(params=["direct", "json"])
 def wire(request: pytest.FixtureRequest) -> Iterator[str]:
     """Run each test twice: executing the in-memory graph, and the graph after to_json -> from_json."""

@@ -10,35 +10,14 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import build_tiny
 from reference import assert_same, count_calls, layer, mlp, run_hf, token_ids
 from torch import nn
-
-import sandbox_client as sc
 
 SHORT = "Hi there"                                  # 2 tokens
 LONG = "The Eiffel Tower is in the city of"        # 10 tokens
 CLEAN = "The Eiffel Tower is in the city of"
 CORRUPT = "The Colosseum is in the city of"
 TOL = 1e-5
-
-
-@pytest.fixture(scope="module")
-def built() -> dict[str, nn.Module]:
-    """One tiny model per arch for the whole module (tests only edit activations, never weights)."""
-    return {}
-
-
-@pytest.fixture
-def hf(arch: str, built: dict[str, nn.Module]) -> nn.Module:
-    if arch not in built:
-        built[arch] = build_tiny(arch)
-    return built[arch]
-
-
-@pytest.fixture
-def lm(hf: nn.Module, gpt2_tokenizer: Any) -> Any:
-    return sc.LanguageModel(hf, tokenizer=gpt2_tokenizer)
 
 
 def alone(hf: nn.Module, tok: Any, prompt: str, arch: str, k: int,

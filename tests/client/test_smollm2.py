@@ -5,7 +5,7 @@ also recomputes its reference with plain PyTorch hooks in the same test.
 """
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -44,15 +44,6 @@ def raw_forward(hf: Any, ids: torch.Tensor, hooks: dict[Any, Callable[..., Any]]
     finally:
         for h in handles:
             h.remove()
-
-
-@pytest.fixture(params=["direct", "json"])
-def wire(request: pytest.FixtureRequest) -> Iterator[str]:
-    if request.param == "json":
-        with sc.json_roundtrip():
-            yield "json"
-    else:
-        yield "direct"
 
 
 def test_last_layer_logit_lens_says_paris(smol: Any, wire: str) -> None:

@@ -10,7 +10,6 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import build_tiny
 from reference import (
     assert_same,
     attn,
@@ -28,24 +27,6 @@ import sandbox_client as sc
 
 PROMPT = "The Eiffel Tower is in the city of"
 OTHER = "Hello world, this is a test"
-
-
-@pytest.fixture(scope="module")
-def built() -> dict[str, nn.Module]:
-    """One tiny model per arch for the whole module (tests only edit activations, never weights)."""
-    return {}
-
-
-@pytest.fixture
-def hf(arch: str, built: dict[str, nn.Module]) -> nn.Module:
-    if arch not in built:
-        built[arch] = build_tiny(arch)
-    return built[arch]
-
-
-@pytest.fixture
-def lm(hf: nn.Module, gpt2_tokenizer: Any) -> Any:
-    return sc.LanguageModel(hf, tokenizer=gpt2_tokenizer)
 
 
 def plain_logits(hf: nn.Module, ids: torch.Tensor, **kwargs: Any) -> torch.Tensor:

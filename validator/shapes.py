@@ -52,6 +52,32 @@ class ShapeTemplate:
         events = tuple((path, kind, _fit(a, b)) for (path, kind, a), (_, _, b) in zip(first, second, strict=True))
         return cls(events=events)
 
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-able form, sent to clients and to the server's web tier: ``{"events": [[path, kind, struct]]}``."""
+        return {"version": 1, "events": [[path, kind, _struct_to_json(s)] for path, kind, s in self.events]}
+
+    @classmethod
+    def from_dict(cls, data: Any) -> ShapeTemplate:
+        """Inverse of ``to_dict``. Container types resolve only to tuple/list/dict or a ModelOutput class of
+        ``transformers.modeling_outputs`` (anything else becomes a dict): nothing is imported by name."""
+        if not isinstance(data, dict) or data.get("version") != 1 or not isinstance(data.get("events"), list):
+            raise ValueError("not a shape template (expected {'version': 1, 'events': [...]})")
+        events = []
+        for item in data["events"]:
+            if not (isinstance(item, list) and len(item) == 3 and isinstance(item[0], str) and
+                    item[1] in ("input", "output")):
+                raise ValueError(f"malformed template event {str(item)[:80]!r}")
+            events.append((item[0], item[1], _struct_from_json(item[2], 0)))
+        return cls(events=tuple(events))
+
+    def output_lengths(self) -> dict[str, int | None]:
+        """len() of each module's output where it is a tuple/list (first call of that module), else None."""
+        lengths: dict[str, int | None] = {}
+        for path, kind, struct in self.events:
+            if kind == "output" and path not in lengths:
+                lengths[path] = len(struct[2]) if struct is not None and struct[0] == "seq" else None
+        return lengths
+
 
 def meta_copy(module: nn.Module) -> nn.Module:
     """The same modules with every parameter and buffer on the meta device (no weight data copied)."""
@@ -186,6 +212,58 @@ def _struct(value: Any) -> Struct:
     if isinstance(value, Mapping):
         return ("map", type(value), {k: _struct(v) for k, v in value.items()})
     return None
+
+
+def _type_name(kind: type) -> str:
+    if kind in (tuple, list, dict):
+        return kind.__name__
+    return f"{kind.__module__}.{kind.__qualname__}"
+
+
+def _type_from_name(name: Any) -> type:
+    simple = {"tuple": tuple, "list": list, "dict": dict}
+    if name in simple:
+        return simple[name]
+    prefix = "transformers.modeling_outputs."
+    if isinstance(name, str) and name.startswith(prefix) and name[len(prefix):].isidentifier():
+        try:
+            from transformers import modeling_outputs
+            from transformers.utils import ModelOutput
+        except ImportError:
+            return dict
+        found = getattr(modeling_outputs, name[len(prefix):], None)
+        if isinstance(found, type) and issubclass(found, ModelOutput):
+            return found
+    return dict
+
+
+def _struct_to_json(struct: Struct) -> Any:
+    if struct is None:
+        return None
+    if struct[0] == "tensor":
+        return ["tensor", list(struct[1]), str(struct[2]).removeprefix("torch.")]
+    if struct[0] == "seq":
+        return ["seq", _type_name(struct[1]), [_struct_to_json(s) for s in struct[2]]]
+    return ["map", _type_name(struct[1]), {str(k): _struct_to_json(v) for k, v in struct[2].items()}]
+
+
+def _struct_from_json(data: Any, depth: int) -> Struct:
+    if data is None:
+        return None
+    if depth > 32 or not isinstance(data, list) or len(data) != 3:
+        raise ValueError("malformed template structure")
+    tag, kind, body = data
+    if tag == "tensor":   # ["tensor", dims, dtype name]
+        dims, dtype = kind, getattr(torch, body, None) if isinstance(body, str) else None
+        if not isinstance(dtype, torch.dtype) or not isinstance(dims, list) or \
+                not all((type(d) is int and d >= 0) or d in ("B", "T", "?") for d in dims):
+            raise ValueError("malformed template tensor")
+        return ("tensor", tuple(dims), dtype)
+    if tag == "seq" and isinstance(body, list):
+        return ("seq", list if kind == "list" else tuple, [_struct_from_json(s, depth + 1) for s in body])
+    if tag == "map" and isinstance(body, dict):
+        return ("map", _type_from_name(kind), {k: _struct_from_json(v, depth + 1) for k, v in body.items()})
+    raise ValueError("malformed template structure")
 
 
 def _fit(a: Struct, b: Struct) -> Struct:

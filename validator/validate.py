@@ -32,11 +32,15 @@ _LM_FORWARD_OPTIONS = frozenset({"output_attentions", "output_hidden_states"})
 
 @dataclass(frozen=True)
 class DryRun:
-    """What a shape dry run needs: the model's template, a meta copy, and the batch's token count."""
+    """What a shape dry run needs: the model's template, a meta copy, and the batch's token count.
+
+    ``rows``: each invoke's rows in the batch (as ``LanguageModel._tokens`` gives them); None splits the
+    batch evenly, which is exact only when every invoke has the same number of rows."""
 
     template: ShapeTemplate
     meta_model: nn.Module
     seq: int
+    rows: list[slice | None] | None = None
 
 
 def validate(graph: Graph | str | bytes, spec: ModelSpec, limits: Limits | None = None,
@@ -77,7 +81,7 @@ def validate(graph: Graph | str | bytes, spec: ModelSpec, limits: Limits | None 
 
 
 def _dry_run_bytes(graph: Graph, dry: DryRun, rows: int, limits: Limits) -> int:
-    values = dry_run(graph, dry.template, dry.meta_model, batch=rows, seq=dry.seq)
+    values = dry_run(graph, dry.template, dry.meta_model, batch=rows, seq=dry.seq, rows=dry.rows)
     saved = {a.id for n in graph.nodes if n.op == "save" for a in n.args if isinstance(a, Ref)}
     extra = values.get(EXTRA_BYTES, 0)
     if extra > limits.max_extra_activation_bytes:

@@ -1,0 +1,37 @@
+"""The gunicorn entry point: ``gunicorn sandbox_server.wsgi:app`` with ``SANDBOX_CONFIG=/path/server.toml``.
+
+    SANDBOX_CONFIG=server.toml gunicorn --workers 2 --threads 8 sandbox_server.wsgi:app
+
+Importing this module is cheap: the app (database, store, torch and the model catalog) is built
+on first access to ``app``, in each gunicorn worker process after it forked.
+"""
+from __future__ import annotations
+
+import os
+import threading
+from typing import Any
+
+CONFIG_ENV = "SANDBOX_CONFIG"
+_lock = threading.Lock()
+_app: Any = None
+
+
+def load_app() -> Any:
+    """The Flask app for the config file named by ``$SANDBOX_CONFIG`` (built once per process)."""
+    global _app
+    with _lock:
+        if _app is None:
+            from .app import create_app
+            from .config import ServerConfig
+
+            path = os.environ.get(CONFIG_ENV)
+            if not path:
+                raise RuntimeError(f"set {CONFIG_ENV} to the server's TOML config file before starting gunicorn")
+            _app = create_app(ServerConfig.load(path), warm=True)
+        return _app
+
+
+def __getattr__(name: str) -> Any:
+    if name == "app":
+        return load_app()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

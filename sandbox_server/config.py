@@ -11,6 +11,8 @@ standard ``AWS_ACCESS_KEY_ID``/``AWS_SECRET_ACCESS_KEY`` variables.
 from __future__ import annotations
 
 import dataclasses
+import json
+import math
 import os
 import tomllib
 from dataclasses import dataclass, field
@@ -193,3 +195,47 @@ def _check_models(models: tuple[ModelConfig, ...]) -> None:
             raise ConfigError(f"[[models]] {m.name}: source \"folder\" needs path = \"/a/hf/folder\"")
         if m.source == "random" and "model_type" not in m.config:
             raise ConfigError(f"[[models]] {m.name}: source \"random\" needs config = {{ model_type = \"gpt2\", ... }}")
+
+
+def dump_toml(config: ServerConfig) -> str:
+    """TOML text that ``ServerConfig.load`` reads back as ``config`` (e.g. embedded defaults for the web tier).
+
+        Path("server.toml").write_text(dump_toml(ServerConfig.embedded_default(Path("data"))))
+    """
+    server = {f.name: getattr(config, f.name) for f in dataclasses.fields(config)
+              if f.name not in ("models", "store", "jobs", "keys", "limits", "source_path")}
+    server["data_dir"] = str(config.data_dir)
+    lines = ["[server]", *_toml_pairs(server)]
+    for name in ("store", "jobs", "keys", "limits"):
+        lines += ["", f"[{name}]", *_toml_pairs(dataclasses.asdict(getattr(config, name)))]
+    for model in config.models:
+        lines += ["", "[[models]]", *_toml_pairs(dataclasses.asdict(model))]
+    return "\n".join(lines) + "\n"
+
+
+def _toml_pairs(values: dict[str, Any]) -> list[str]:
+    return [f"{_toml_key(k)} = {_toml_value(v)}" for k, v in values.items()]
+
+
+def _toml_key(key: str) -> str:
+    return key if key and all(c.isalnum() or c in "-_" for c in key) else json.dumps(key)
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, float):
+        if math.isnan(value):
+            return "nan"
+        if math.isinf(value):
+            return "inf" if value > 0 else "-inf"
+        return repr(value)
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, (str, Path)):
+        return json.dumps(str(value))     # JSON string escapes are valid TOML basic-string escapes
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{_toml_key(str(k))} = {_toml_value(v)}" for k, v in value.items()) + "}"
+    raise ConfigError(f"cannot write {value!r} ({type(value).__name__}) as TOML")

@@ -66,7 +66,8 @@ def write_model_info(folder: Path, cfg: ModelConfig, model: nn.Module, tokenizer
     template = ShapeTemplate.probe(model, lambda b, t: {"input_ids": torch.randint(0, vocab, (b, t), device=device)})
     _write_json(folder / "spec.json", ModelSpec.from_module(model, name=cfg.name).to_dict())
     _write_json(folder / "template.json", template.to_dict())
-    model.config.to_json_file(str(folder / "config.json"))
+    hf_config: Any = getattr(model, "config")   # noqa: B009 - typed Any: nn.Module declares no .config
+    hf_config.to_json_file(str(folder / "config.json"))
     tok_dir = folder / "tokenizer"
     shutil.rmtree(tok_dir, ignore_errors=True)
     if tokenizer is not None:

@@ -1,0 +1,340 @@
+"""The server's parent process: one worker per model, gunicorn for the API, and a monitor loop.
+
+    serve(ServerConfig.load("server.toml"))      # what `interp-sandbox serve` runs; returns 0 after SIGTERM/SIGINT
+
+Start-up, in order: the data folder and database, the result-signing key (created here, before any
+process could race to create it), jobs a previous server left RUNNING end ERROR "server_restarted"
+(QUEUED and finished jobs survive), then one ``python -m sandbox_server.worker`` per model and
+``python -m gunicorn -c infra/gunicorn.conf.py sandbox_server.wsgi:app``, each in its own process group.
+
+The monitor loop (every 0.2 s) restarts a worker that died, failing its running job with "worker_died";
+kills and restarts a worker whose job runs past ``timeout_s + kill_grace_s`` ("timeout", for what the
+in-process guard cannot interrupt, such as one long C call) or whose resident memory passes the cap
+("memory_limit"); restarts gunicorn if it dies; and every ``sweep_interval_s`` deletes expired results.
+Restarts back off (0 s, 1 s, 2 s, ... 30 s) unless the process had run for a minute. One line per event
+goes to stderr.
+"""
+from __future__ import annotations
+
+import os
+import resource
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from storage import ResultStore, Signer
+
+from .config import ModelConfig, ServerConfig, dump_toml
+from .db import Database
+from .modelinfo import clear_model_info
+from .types import JobRecord
+
+TICK_S = 0.2
+STOP_WAIT_S = 10.0          # after SIGTERM, how long children may finish (at least a job's limit) before SIGKILL
+MAX_BACKOFF_S = 30.0
+STABLE_S = 60.0             # a process that ran this long restarts at once, and its backoff resets
+REPO_ROOT = Path(__file__).resolve().parent.parent
+GUNICORN_CONF = REPO_ROOT / "infra" / "gunicorn.conf.py"
+
+
+@dataclass
+class Child:
+    """One supervised process and its restart bookkeeping."""
+
+    name: str
+    command: list[str]
+    proc: subprocess.Popen[bytes] | None = None
+    started: float = 0.0
+    restarts: int = 0
+    backoff: float = 0.0
+    next_start: float = 0.0
+    base_rss: int | None = None        # resident bytes once the model was loaded (memory cap baseline)
+    killed_for: str | None = None      # why the supervisor killed it, so its death is not reported twice
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def pid(self) -> int | None:
+        return self.proc.pid if self.proc is not None else None
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+
+class Supervisor:
+    """Starts, watches and stops the model workers and the web tier of one server."""
+
+    def __init__(self, config: ServerConfig) -> None:
+        self.config = config
+        self.stopping = False
+        config.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)   # requests, key hashes, results: private
+        self.config_path = _config_file(config)
+        self.db = Database(config.db_path)
+        self.env = {**os.environ, "SANDBOX_CONFIG": str(self.config_path), "HF_HUB_OFFLINE": "1"}
+        self.workers = {m.name: Child(m.name, _worker_command(self.config_path, m)) for m in config.models}
+        self.web = Child("web", _gunicorn_command(config))
+        self._store: ResultStore | None = None
+        self._next_sweep = time.monotonic() + config.jobs.sweep_interval_s
+
+    # ----- start and stop --------------------------------------------------------------------
+    def prepare(self) -> None:
+        """Signing key, jobs left RUNNING by a previous server, stale model info: before any child starts."""
+        signer = Signer.load_or_create(self.config.signing_key_path)
+        log(f"result signing key {signer.fingerprint} ({self.config.signing_key_path})")
+        stale = self.db.fail_running(None, _error(
+            "server_restarted", "the server restarted while this job ran; submit it again"))
+        if stale:
+            log(f"{len(stale)} job(s) left running by the previous server ended ERROR server_restarted")
+        for model in self.config.models:
+            clear_model_info(self.config.model_dir(model.name))
+            self.db.set_worker(model.name, None, "loading")
+
+    def start(self) -> None:
+        self.prepare()
+        for child in self.workers.values():
+            self._spawn(child)
+        self._spawn(self.web)
+        log(f"serving on http://{self.config.host}:{self.config.port} "
+            f"({len(self.workers)} model worker(s), data in {self.config.data_dir})")
+
+    def stop(self) -> None:
+        """SIGTERM every child (the web tier first); a worker finishes its job first. SIGKILL what is left after
+        STOP_WAIT_S or the job limit (timeout_s + kill_grace_s), whichever is longer."""
+        children = [self.web, *self.workers.values()]
+        for child in children:
+            _signal(child, signal.SIGTERM)
+        wait = max(STOP_WAIT_S, self.config.jobs.timeout_s + self.config.jobs.kill_grace_s)
+        deadline = time.monotonic() + wait
+        for child in children:
+            if child.proc is None:
+                continue
+            try:
+                child.proc.wait(max(deadline - time.monotonic(), 0.01))
+            except subprocess.TimeoutExpired:
+                log(f"{child.name} (pid {child.pid}) did not stop in {wait:g} s: killed")
+                _signal(child, signal.SIGKILL)
+                child.proc.wait()
+        for name in self.workers:
+            self.db.set_worker(name, None, "down")
+        log("server stopped")
+
+    # ----- the monitor loop ------------------------------------------------------------------
+    def run(self) -> None:
+        while not self.stopping:
+            try:
+                self.tick()
+            except Exception as err:   # e.g. the database briefly locked: log it, the next tick tries again
+                log(f"monitor: {type(err).__name__}: {err}")
+            time.sleep(TICK_S)
+
+    def tick(self, now: float | None = None) -> None:
+        """One round of checks (all cheap: a few process polls, one small query)."""
+        mono = time.monotonic()
+        for child in self.workers.values():
+            self._check_worker(child)
+        if not self.web.alive() and not self.stopping:
+            self._restart_if_due(self.web, "web server (gunicorn)")
+        self._check_running_jobs(now or time.time())
+        if mono >= self._next_sweep:
+            self._next_sweep = mono + self.config.jobs.sweep_interval_s
+            self.sweep(now or time.time())
+
+    def _check_worker(self, child: Child) -> None:
+        if child.alive():
+            self._check_memory(child)
+            return
+        if child.proc is not None:
+            self._worker_died(child)
+        self._restart_if_due(child, f"worker {child.name}")
+
+    def _worker_died(self, child: Child) -> None:
+        assert child.proc is not None
+        code = child.proc.returncode
+        how = f"signal {-code}" if code < 0 else f"exit code {code}"
+        failed = self.db.fail_running(child.name, _error(
+            "worker_died", f"the model worker process died ({how}) while running this job; the server restarted "
+            "it; submit again"), pid=child.pid)
+        clear_model_info(self.config.model_dir(child.name))
+        self.db.set_worker(child.name, None, "down")
+        reason = f", {child.killed_for}" if child.killed_for else ""
+        log(f"worker {child.name} (pid {child.pid}) ended ({how}{reason}); {len(failed)} running job(s) failed")
+        self._schedule_restart(child)
+
+    def _schedule_restart(self, child: Child) -> None:
+        """Restart at once after a long run or a kill for a job's sake; back off after quick crashes."""
+        if child.proc is not None:     # what the dead process left in its group (gunicorn's own workers)
+            _kill_group(child.proc.pid)
+        stable = child.killed_for is not None or time.monotonic() - child.started >= STABLE_S
+        delay = 0.0 if stable else child.backoff
+        if not child.killed_for:
+            child.backoff = 1.0 if stable else min(max(child.backoff * 2, 1.0), MAX_BACKOFF_S)
+        child.next_start = time.monotonic() + delay
+        child.proc = None
+
+    def _restart_if_due(self, child: Child, what: str) -> None:
+        if self.stopping:
+            return
+        if child.proc is not None:          # the web tier: report its death once, then back off
+            code = child.proc.returncode
+            log(f"{what} (pid {child.pid}) ended with code {code}; restarting")
+            self._schedule_restart(child)
+        if time.monotonic() >= child.next_start:
+            child.restarts += 1
+            self._spawn(child)
+
+    def _check_running_jobs(self, now: float) -> None:
+        limit = self.config.jobs.timeout_s + self.config.jobs.kill_grace_s
+        for job in self.db.running_jobs():
+            if job.started is not None and now - job.started > limit:
+                self._kill_for_timeout(job)
+
+    def _kill_for_timeout(self, job: JobRecord) -> None:
+        child = self.workers.get(job.model)
+        if child is None or not child.alive() or child.pid != job.worker_pid:
+            self.db.fail_running(job.model, _error("worker_died", "the worker running this job is gone; "
+                                                   "submit again"), pid=job.worker_pid)
+            return
+        timeout = self.config.jobs.timeout_s
+        self.db.fail_running(job.model, _error(
+            "timeout", f"the job ran past its limit of {timeout:g} s and did not stop, so the server restarted the "
+            "model worker; shorten it: fewer or shorter prompts, a smaller max_new_tokens, or split it"), pid=child.pid)
+        self._kill(child, f"job {job.id} past its time limit")
+
+    def _check_memory(self, child: Child) -> None:
+        cap = self.config.jobs.worker_memory_mb
+        if cap <= 0 or child.pid is None:
+            return
+        rss = resident_bytes(child.pid)
+        if child.base_rss is None:
+            if self._worker_ready(child):
+                child.base_rss = rss
+            return
+        if rss > child.base_rss + cap * 2**20:
+            self.db.fail_running(child.name, _error(
+                "memory_limit", f"the job used more than {cap} MiB of memory above the model, so the server "
+                "restarted the model worker; use fewer or shorter prompts or split the job"), pid=child.pid)
+            self._kill(child, f"resident memory {rss >> 20} MiB over the cap")
+
+    def _worker_ready(self, child: Child) -> bool:
+        return any(w.model == child.name and w.pid == child.pid and w.state == "ready" for w in self.db.workers())
+
+    def _kill(self, child: Child, why: str) -> None:
+        child.killed_for = why
+        log(f"killing worker {child.name} (pid {child.pid}): {why}")
+        _signal(child, signal.SIGKILL)
+
+    # ----- results ---------------------------------------------------------------------------
+    def sweep(self, now: float) -> int:
+        """Delete results past their expiry from the store and mark their jobs; returns how many."""
+        expired = self.db.expired_results(now)
+        if not expired:
+            return 0
+        store = self._results_store()
+        count = 0
+        for job_id, key in expired:
+            try:
+                store.delete(key)
+            except Exception as err:   # the store is down: keep the row and try again next sweep
+                log(f"sweeper: cannot delete {key}: {err}")
+                continue
+            self.db.mark_expired(job_id)
+            count += 1
+        log(f"sweeper: {count} expired result(s) deleted")
+        return count
+
+    def _results_store(self) -> ResultStore:
+        if self._store is None:
+            from .stores import open_store
+
+            self._store = open_store(self.config)
+        return self._store
+
+    # ----- processes -------------------------------------------------------------------------
+    def _spawn(self, child: Child) -> None:
+        child.killed_for, child.base_rss = None, None
+        child.proc = subprocess.Popen(child.command, env=self.env, process_group=0, stdin=subprocess.DEVNULL)
+        child.started = time.monotonic()
+        if child is not self.web:
+            self.db.set_worker(child.name, child.proc.pid, "loading", restarts=child.restarts)
+        again = f" (restart {child.restarts})" if child.restarts else ""
+        log(f"started {child.name} (pid {child.proc.pid}){again}")
+
+
+def serve(config: ServerConfig) -> int:
+    """Run the server until SIGTERM or SIGINT; returns the exit status (0 after a clean stop)."""
+    supervisor = Supervisor(config)
+
+    def stop(signum: int, frame: Any) -> None:
+        supervisor.stopping = True
+
+    previous = {s: signal.signal(s, stop) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        supervisor.start()
+        supervisor.run()
+    finally:
+        supervisor.stop()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    return 0
+
+
+def resident_bytes(pid: int) -> int:
+    """A process's resident set size in bytes (0 if it is gone or /proc is missing)."""
+    try:
+        with open(f"/proc/{pid}/statm") as f:
+            return int(f.read().split()[1]) * resource.getpagesize()
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+def _config_file(config: ServerConfig) -> Path:
+    """The TOML file children load: the one given, or the embedded defaults written to <data_dir>/server.toml."""
+    if config.source_path is not None:
+        return config.source_path
+    path = config.data_dir / "server.toml"
+    path.write_text(dump_toml(config))
+    return path
+
+
+def _worker_command(config_path: Path, model: ModelConfig) -> list[str]:
+    return [sys.executable, "-m", "sandbox_server.worker", "--config", str(config_path), "--model", model.name]
+
+
+def _gunicorn_command(config: ServerConfig) -> list[str]:
+    """gunicorn with infra/gunicorn.conf.py; without that file (an installed package), the same settings as flags."""
+    command = [sys.executable, "-m", "gunicorn"]
+    if GUNICORN_CONF.is_file():
+        command += ["-c", str(GUNICORN_CONF)]
+    else:
+        command += ["--bind", f"{config.host}:{config.port}", "--workers", str(config.web_workers),
+                    "--worker-class", "gthread", "--threads", str(config.web_threads),
+                    "--timeout", str(int(config.jobs.max_wait_s) + 30), "--access-logfile", "-",
+                    "--no-control-socket"]
+    return [*command, "sandbox_server.wsgi:app"]
+
+
+def _signal(child: Child, sig: int) -> None:
+    if child.proc is None or child.proc.poll() is not None:
+        return
+    try:
+        os.killpg(child.proc.pid, sig)    # the whole group: a child's own children go too
+    except ProcessLookupError:
+        pass
+
+
+def _kill_group(pgid: int) -> None:
+    try:
+        os.killpg(pgid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def _error(code: str, message: str) -> dict[str, Any]:
+    return {"code": code, "message": message, "node": None, "source": ""}
+
+
+def log(message: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] supervisor: {message}", file=sys.stderr, flush=True)

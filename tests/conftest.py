@@ -6,9 +6,11 @@
 from __future__ import annotations
 
 import importlib.util
+import os
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -50,6 +52,8 @@ def build_tiny(arch: str, seed: int = 0, layers: int = 4, width: int = 64) -> Pr
         model = Qwen2ForCausalLM(cfg)
     else:
         raise ValueError(arch)
+    if (seed, layers, width) == (0, 4, 64):
+        model._sandbox_tiny = arch   # the same weights as the test server's "tiny-<arch>" model
     return model.eval()
 
 
@@ -92,15 +96,51 @@ def hf(arch: str, built: dict[str, PreTrainedModel]) -> PreTrainedModel:
 
 
 @pytest.fixture
-def lm(hf: PreTrainedModel, gpt2_tokenizer: GPT2TokenizerFast) -> sc.LanguageModel:
-    return sc.LanguageModel(hf, tokenizer=gpt2_tokenizer)
+def lm(request: pytest.FixtureRequest, hf: PreTrainedModel, gpt2_tokenizer: GPT2TokenizerFast) -> sc.LanguageModel:
+    return lm_for(request, hf, gpt2_tokenizer)
 
 
-@pytest.fixture(params=["direct", "json"])
+def lm_for(request: pytest.FixtureRequest, hf: PreTrainedModel, tokenizer: Any) -> sc.LanguageModel:
+    """The test's language model: local, or (when the test's ``wire`` is "remote") the test server's model
+    with the same weights, through sc.RemoteModel; the test's assertions are the same either way."""
+    if "wire" not in request.fixturenames or request.getfixturevalue("wire") != "remote":
+        return sc.LanguageModel(hf, tokenizer=tokenizer)
+    arch = getattr(hf, "_sandbox_tiny", None)
+    if arch is None:
+        pytest.skip("remote runs use the server's tiny-<arch> models; this test builds its own model")
+    server, key = request.getfixturevalue("sandbox_server")
+    return sc.RemoteModel(f"tiny-{arch}", host=server.url, api_key=key, verbose=False)
+
+
+@pytest.fixture(params=["direct", "json", "remote"])
 def wire(request: pytest.FixtureRequest) -> Iterator[str]:
-    """Run each test twice: executing the in-memory graph, and the graph after to_json -> from_json."""
+    """Run each test three ways: the in-memory graph, the graph after to_json -> from_json, and (through
+    the ``lm`` fixture) remotely on a real server (gunicorn + model workers) with the same weights."""
     if request.param == "json":
         with sc.json_roundtrip():
             yield "json"
     else:
-        yield "direct"
+        yield str(request.param)
+
+
+@pytest.fixture(scope="session")
+def sandbox_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Any, str]]:
+    """A real server (one per test process) serving tiny-gpt2/llama/qwen2, and an API key for it."""
+    from serverproc import TINY_MODELS, start_server
+
+    home = tmp_path_factory.mktemp("client-config")
+    os.environ["INTERP_SANDBOX_CONFIG_DIR"] = str(home)   # server key pins of the tests, not the user's
+    server = start_server(tmp_path_factory.mktemp("server"), models=list(TINY_MODELS.values()))
+    try:
+        yield server, server.create_key("tests")
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def s3_server() -> Iterator[Any]:
+    """One real SeaweedFS S3 server (signature checks on) per test process, started on first use."""
+    from s3server import running_s3_server
+
+    with running_s3_server() as server:
+        yield server

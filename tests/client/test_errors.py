@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import lm_for
 from refhooks import PROMPT_IDS, assert_no_hooks, count_calls, layer, walk
 
 import sandbox_client as sc
@@ -21,8 +22,8 @@ def next_line() -> int:
 
 
 @pytest.fixture
-def lm(tiny_hf, gpt2_tokenizer):
-    return sc.LanguageModel(tiny_hf, tokenizer=gpt2_tokenizer)
+def lm(request, tiny_hf, gpt2_tokenizer):
+    return lm_for(request, tiny_hf, gpt2_tokenizer)
 
 
 def test_runtime_index_error_names_the_source_line(lm, tiny_hf, arch, wire):

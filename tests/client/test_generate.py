@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import lm_for
 from refhooks import PROMPT_IDS, generate_capturing, layer
 
 import sandbox_client as sc
@@ -16,8 +17,8 @@ FORCED = 1000  # an arbitrary token id the edits force
 
 
 @pytest.fixture
-def lm(tiny_hf, gpt2_tokenizer):
-    return sc.LanguageModel(tiny_hf, tokenizer=gpt2_tokenizer)
+def lm(request, tiny_hf, gpt2_tokenizer):
+    return lm_for(request, tiny_hf, gpt2_tokenizer)
 
 
 @pytest.fixture

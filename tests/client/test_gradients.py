@@ -7,17 +7,16 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import lm_for
 from refhooks import OTHER_IDS, PROMPT_IDS, grad_of, layer, params_snapshot
-
-import sandbox_client as sc
 
 TOK = 6342  # ' Paris'
 TOK_B = 11
 
 
 @pytest.fixture
-def lm(tiny_hf, gpt2_tokenizer):
-    return sc.LanguageModel(tiny_hf, tokenizer=gpt2_tokenizer)
+def lm(request, tiny_hf, gpt2_tokenizer):
+    return lm_for(request, tiny_hf, gpt2_tokenizer)
 
 
 @pytest.mark.parametrize("i", [0, 3])

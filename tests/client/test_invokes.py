@@ -42,10 +42,11 @@ def test_two_invokes_run_one_forward_and_match_single_runs(lm: Any, hf: nn.Modul
             with tracer.invoke(LONG):
                 h1 = layer(lm, arch, 2).output.save()
                 l1 = lm.output.logits.save()
-    assert len(calls) == 1, f"expected one batched forward, got {len(calls)}"
-    args, kwargs = calls[0]
-    batch_ids = kwargs.get("input_ids", args[0] if args else None)
-    assert batch_ids is not None and batch_ids.shape[0] == 2
+    if wire != "remote":   # remotely the forward runs in the server's worker, where these hooks cannot count
+        assert len(calls) == 1, f"expected one batched forward, got {len(calls)}"
+        args, kwargs = calls[0]
+        batch_ids = kwargs.get("input_ids", args[0] if args else None)
+        assert batch_ids is not None and batch_ids.shape[0] == 2
 
     for prompt, h, logits in ((SHORT, h0, l0), (LONG, h1, l1)):
         n = token_ids(gpt2_tokenizer, prompt).shape[1]
@@ -111,7 +112,7 @@ def test_list_str_invoke_has_two_rows(lm: Any, hf: nn.Module, gpt2_tokenizer: An
                 l01 = lm.output.logits.save()
             with tracer.invoke(CORRUPT):
                 l2 = lm.output.logits.save()
-    assert len(calls) == 1
+    assert len(calls) == (0 if wire == "remote" else 1)
     assert h01.value.shape[0] == 2 and l01.value.shape[0] == 2 and l2.value.shape[0] == 1
     for row, prompt in enumerate((LONG, SHORT)):
         n = token_ids(gpt2_tokenizer, prompt).shape[1]

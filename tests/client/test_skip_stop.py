@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import lm_for
 from refhooks import (
     PROMPT_IDS,
     assert_no_hooks,
@@ -22,8 +23,8 @@ import sandbox_client as sc
 
 
 @pytest.fixture
-def lm(tiny_hf, gpt2_tokenizer):
-    return sc.LanguageModel(tiny_hf, tokenizer=gpt2_tokenizer)
+def lm(request, tiny_hf, gpt2_tokenizer):
+    return lm_for(request, tiny_hf, gpt2_tokenizer)
 
 
 @pytest.mark.parametrize("i", [0, 2])

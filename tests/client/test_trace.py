@@ -150,6 +150,8 @@ def test_inputs_gives_args_and_kwargs(lm: Any, hf: nn.Module, gpt2_tokenizer: An
     ids = token_ids(gpt2_tokenizer, PROMPT)
     args, kwargs = capture_inputs(hf, pick(hf, arch, 1), lambda: hf(input_ids=ids))
     got_args, got_kwargs = inputs.value
+    if wire == "remote":   # cache objects are not results: a remote bundle carries them as None (docs/api.md)
+        kwargs = {k: None if type(v).__name__.endswith("Cache") else v for k, v in kwargs.items()}
     assert_same(tuple(got_args), args)
     assert_same(dict(got_kwargs), kwargs)
 

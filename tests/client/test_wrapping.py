@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import build_tiny
+from conftest import build_tiny, lm_for
 from refhooks import (
     OTHER_IDS,
     PROMPT_IDS,
@@ -48,8 +48,8 @@ def module_dicts(model: nn.Module) -> dict[str, set[str]]:
 
 
 @pytest.fixture
-def lm(tiny_hf, gpt2_tokenizer):
-    return sc.LanguageModel(tiny_hf, tokenizer=gpt2_tokenizer)
+def lm(request, tiny_hf, gpt2_tokenizer):
+    return lm_for(request, tiny_hf, gpt2_tokenizer)
 
 
 def test_wrapping_leaves_no_hooks_before_and_after_traces(tiny_hf, gpt2_tokenizer, arch, wire):

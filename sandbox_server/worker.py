@@ -31,13 +31,14 @@ from typing import Any
 import torch
 from torch import nn
 
+from sandbox_client.interpreter.ops import user_function_deadline
 from storage import BundleError, ResultStore, Signer, StorageError, encode_results, result_message
 from validator import ModelSpec, validate
 
 from .config import ModelConfig, ServerConfig
 from .db import Database
 from .modelinfo import write_model_info
-from .runtime import JobFailure, JobGuard, cap_address_space, check_result_size, describe_error
+from .runtime import JobAborted, JobFailure, JobGuard, cap_address_space, check_result_size, describe_error
 from .types import JobRecord, JobStatus, ResultInfo
 
 WAIT_S = 0.2             # longest sleep between claims when no datagram arrives
@@ -118,11 +119,14 @@ class ModelWorker:
         self._heartbeat(job.id, force=True)
         timeout = self.config.jobs.timeout_s
         status, result, error = JobStatus.COMPLETED, None, None
+        started = time.monotonic()
         try:
             result = self._execute(job, timeout)
         except BaseException as exc:  # JobAborted is a BaseException on purpose
             if isinstance(exc, (KeyboardInterrupt, SystemExit)):
                 raise
+            if time.monotonic() - started >= timeout and not isinstance(exc, JobAborted):
+                exc = JobAborted("timeout")   # e.g. a user function's loop stopped at the job's deadline
             error = describe_error(exc, timeout, self.config.jobs.worker_memory_mb)
             status = JobStatus.CANCELLED if error["code"] == "cancelled" else JobStatus.ERROR
         finally:
@@ -134,7 +138,7 @@ class ModelWorker:
 
     def _execute(self, job: JobRecord, timeout: float) -> ResultInfo:
         checked = validate(self.db.job_request(job.id), self.spec, self.config.limits)
-        with self.guard.watch(job.id, timeout) as guard:
+        with self.guard.watch(job.id, timeout) as guard, user_function_deadline(time.monotonic() + timeout):
             values = self.lm._run_graph(checked.graph)
             guard.check()
             try:

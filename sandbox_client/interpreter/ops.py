@@ -9,6 +9,9 @@ leave a lasting change on a shared model.
 """
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -71,8 +74,26 @@ def run_op(ctx: OpContext, node: Node, args: tuple[Any, ...], kwargs: dict[str, 
     if op == "apply":
         from validator.restricted import compile_user_function  # RestrictedPython lives with the rules
 
-        return compile_user_function(node.target or "", ctx.check_writable, ctx.deadline)(*args, **kwargs)
+        deadline = ctx.deadline if ctx.deadline is not None else _USER_DEADLINE.get()
+        return compile_user_function(node.target or "", ctx.check_writable, deadline)(*args, **kwargs)
     raise ValueError(f"unknown op {op!r}")
+
+
+_USER_DEADLINE: ContextVar[float | None] = ContextVar("sandbox_user_function_deadline", default=None)
+
+
+@contextmanager
+def user_function_deadline(deadline: float) -> Iterator[None]:
+    """Bound user-function loops of every graph run inside the block by ``deadline`` (time.monotonic()).
+
+        with user_function_deadline(time.monotonic() + 60):    # a server worker, around one job
+            lm._run_graph(graph)
+    """
+    token = _USER_DEADLINE.set(deadline)
+    try:
+        yield
+    finally:
+        _USER_DEADLINE.reset(token)
 
 
 def _check_writing_kwargs(ctx: OpContext, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:

@@ -8,9 +8,8 @@ in this process (its own correctness is what the other tests in tests/client che
 from __future__ import annotations
 
 import hashlib
-import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -27,24 +26,6 @@ ROME = "Rome is the capital of"
 TOK = 6342   # ' Paris'
 
 Run = Callable[[sc.LanguageModel, str], dict[str, Any]]
-
-
-@pytest.fixture(scope="module")
-def sandbox_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Any, str]]:
-    """This module's server (tiny-gpt2/llama/qwen2) and a key; pins go to a temporary config folder."""
-    from serverproc import TINY_MODELS, start_server
-
-    previous = os.environ.get(CONFIG_ENV)
-    os.environ[CONFIG_ENV] = str(tmp_path_factory.mktemp("client-config"))
-    server = start_server(tmp_path_factory.mktemp("server"), models=list(TINY_MODELS.values()))
-    try:
-        yield server, server.create_key("client-tests")
-    finally:
-        server.stop()
-        if previous is None:
-            os.environ.pop(CONFIG_ENV, None)
-        else:
-            os.environ[CONFIG_ENV] = previous
 
 
 @pytest.fixture(scope="module")

@@ -166,6 +166,29 @@ def test_timeout_ends_the_job_and_the_next_one_runs(worker: ModelWorker, lm: sc.
     assert run(worker, logits_graph(lm)).status == JobStatus.COMPLETED
 
 
+def spin(h):
+    total = 0
+    for i in range(1000):
+        for j in range(1000):
+            total = total + i * j
+    return h * 0 + total
+
+
+def test_a_user_function_loop_stops_at_the_jobs_deadline(worker: ModelWorker, lm: sc.LanguageModel,
+                                                         config: None) -> None:
+    """The loop runs in one module-free stretch, where the forward pre-hook cannot stop it: the user function's
+    own time budget, bound to the job's deadline, does (instead of the supervisor killing the worker)."""
+    worker.config = dataclasses.replace(worker.config, jobs=dataclasses.replace(worker.config.jobs, timeout_s=0.2))
+    rec = Recorder(lm._module, lm.tokenizer)
+    with rec.trace(PROMPT) as tracer:
+        sc.apply(spin, rec.transformer.h[0].output).save()
+    start = time.monotonic()
+    job = run(worker, tracer.graph.to_json())
+    assert time.monotonic() - start < 1.5
+    assert job.status == JobStatus.ERROR and job.error is not None and job.error["code"] == "timeout"
+    assert run(worker, logits_graph(lm)).status == JobStatus.COMPLETED
+
+
 def test_cancel_while_running(worker: ModelWorker, lm: sc.LanguageModel) -> None:
     job = submit(worker, slow_graph(lm), "generate")
     claimed = worker.db.claim_next("tiny-gpt2", worker.pid)

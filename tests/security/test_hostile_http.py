@@ -73,3 +73,23 @@ def test_server_still_serves_after_the_corpus(server: tuple[str, str]) -> None:
     url, key = server
     health = requests.get(f"{url}/healthz", timeout=10).json()
     assert set(health["models"].values()) == {"ready"}
+
+
+def test_malformed_requests_over_http(server: tuple[str, str]) -> None:
+    """Through gunicorn, not just the Flask test client: every answer is a JSON error with the right status."""
+    url, key = server
+    auth = {"Authorization": f"Bearer {key}"}
+    cases = [
+        (requests.post(f"{url}/v1/jobs", data=b"{not json", headers=auth, timeout=30), 400, "invalid_json"),
+        (requests.post(f"{url}/v1/jobs", data=b"x" * (17 * 2**20), headers=auth, timeout=60), 413,
+         "request_too_large"),
+        (requests.post(f"{url}/v1/jobs", data=b"{}", timeout=30), 401, "unauthorized"),
+        (requests.post(f"{url}/v1/jobs", data=b"{}", headers={"Authorization": "Bearer isk_0000000000_" + "a" * 43},
+                       timeout=30), 401, "unauthorized"),
+        (requests.get(f"{url}/v1/jobs/job_doesnotexist", headers=auth, timeout=30), 404, "job_not_found"),
+        (requests.put(f"{url}/v1/jobs", headers=auth, timeout=30), 405, "method_not_allowed"),
+        (requests.get(f"{url}/nowhere", timeout=30), 404, "not_found"),
+    ]
+    for reply, status, code in cases:
+        assert reply.status_code == status, reply.text[:300]
+        assert reply.json()["error"]["code"] == code

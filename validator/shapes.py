@@ -102,7 +102,8 @@ def dry_run(graph: Graph, template: ShapeTemplate, meta_model: nn.Module, batch:
     executor.rows = rows if rows is not None else _rows(graph, batch)
     seen: dict[int, Any] = {}
     try:
-        with torch.no_grad():
+        # the meta device is the default: factories (graph nodes or inside sc.apply) allocate nothing real
+        with torch.no_grad(), torch.device("meta"):
             executor.begin_step()
             executor.start()
             for path, kind, struct in template.events:

@@ -1,6 +1,8 @@
 """Dry runs on meta tensors give the shapes a real run gives, and catch shape errors before running."""
 from __future__ import annotations
 
+import resource
+
 import pytest
 import torch
 from conftest import build_tiny
@@ -143,3 +145,25 @@ def test_user_function_loops_are_time_bounded_in_a_dry_run(setup) -> None:
     with pytest.raises(ValidationError, match="time limit"):
         dry_run(graph, template, meta, batch=1, seq=4)
     assert time.monotonic() - start < 10
+
+
+def make_big(h):
+    keep = []
+    for _ in range(8):
+        keep.append(torch.ones(2**26))   # 256 MB each, were it real
+    return h * 0 + len(keep)
+
+
+def test_dry_run_factories_allocate_nothing_real(setup) -> None:
+    """Factories inside sc.apply (and in graph nodes) run on the meta device during a dry run (the server's
+    web tier runs dry runs: a request must not make it allocate gigabytes)."""
+    arch, hf, lm, template, meta = setup
+
+    def body():
+        return [sc.apply(make_big, blocks(lm, arch)[0].output).save()]
+
+    graph, saved = record(lm, torch.randint(0, 1000, (1, 5)), body)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss   # KiB
+    shapes = dry_run(graph, template, meta, batch=1, seq=5)
+    assert all(shapes[p._id].device.type == "meta" for p in saved)
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - peak < 2**20   # < 1 GiB more (2 GiB if real)

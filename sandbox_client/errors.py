@@ -15,6 +15,7 @@ class SandboxError(Exception):
     """Base of every error this package raises on purpose."""
 
     code = "sandbox_error"
+    node_id: int | None = None   # the graph node that failed, when an executor knows it (co-batching blames by it)
 
     def __init__(self, message: str, *, source: str = "") -> None:
         self.message = message

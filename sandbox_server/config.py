@@ -78,6 +78,20 @@ class JobsConfig:
 
 
 @dataclass(frozen=True)
+class BatchingConfig:
+    """Co-batching (``sandbox_server.cobatch``): compatible queued jobs of different users share one forward.
+    ``max_batch = 1`` runs one job at a time."""
+
+    max_batch: int = 8                # most jobs claimed and merged at once
+    max_batch_tokens: int = 4096      # most rows x padded width in one merged batch (a lone job may exceed it)
+    batch_wait_ms: float = 2.0        # after a wake, how long to wait for more jobs when fewer than max_batch
+
+    def __post_init__(self) -> None:
+        if self.max_batch < 1 or self.max_batch_tokens < 1 or self.batch_wait_ms < 0:
+            raise ConfigError("[batching] max_batch and max_batch_tokens must be >= 1, batch_wait_ms >= 0")
+
+
+@dataclass(frozen=True)
 class KeyDefaults:
     """Limits given to new keys unless ``keys create`` says otherwise (0 = unlimited)."""
 
@@ -96,6 +110,7 @@ class ServerConfig:
     models: tuple[ModelConfig, ...] = ()
     store: StoreConfig = StoreConfig()
     jobs: JobsConfig = JobsConfig()
+    batching: BatchingConfig = BatchingConfig()
     keys: KeyDefaults = KeyDefaults()
     limits: Limits = Limits()
     source_path: Path | None = None   # the TOML file this came from
@@ -138,8 +153,8 @@ class ServerConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any], base: Path = Path(".")) -> ServerConfig:
         server = dict(data.get("server", {}))
-        _known(server, {f.name for f in dataclasses.fields(cls)} - {"models", "store", "jobs", "keys", "limits",
-                                                                   "source_path"}, "[server]")
+        _known(server, {f.name for f in dataclasses.fields(cls)} - {"models", "store", "jobs", "batching", "keys",
+                                                                   "limits", "source_path"}, "[server]")
         data_dir = Path(os.environ.get("SANDBOX_DATA_DIR") or server.pop("data_dir", ".sandbox-data"))
         server.pop("data_dir", None)
         if "SANDBOX_PORT" in os.environ:
@@ -153,6 +168,7 @@ class ServerConfig:
             raise ConfigError("[store] kind = \"s3\" needs bucket = \"...\" (and endpoint_url for non-AWS servers)")
         return cls(data_dir=(base / data_dir).resolve(), models=models, store=store,
                    jobs=_section(JobsConfig, data.get("jobs", {}), "[jobs]"),
+                   batching=_section(BatchingConfig, data.get("batching", {}), "[batching]"),
                    keys=_section(KeyDefaults, data.get("keys", {}), "[keys]"),
                    limits=_section(Limits, data.get("limits", {}), "[limits]"), **server)
 
@@ -203,10 +219,10 @@ def dump_toml(config: ServerConfig) -> str:
         Path("server.toml").write_text(dump_toml(ServerConfig.embedded_default(Path("data"))))
     """
     server = {f.name: getattr(config, f.name) for f in dataclasses.fields(config)
-              if f.name not in ("models", "store", "jobs", "keys", "limits", "source_path")}
+              if f.name not in ("models", "store", "jobs", "batching", "keys", "limits", "source_path")}
     server["data_dir"] = str(config.data_dir)
     lines = ["[server]", *_toml_pairs(server)]
-    for name in ("store", "jobs", "keys", "limits"):
+    for name in ("store", "jobs", "batching", "keys", "limits"):
         lines += ["", f"[{name}]", *_toml_pairs(dataclasses.asdict(getattr(config, name)))]
     for model in config.models:
         lines += ["", "[[models]]", *_toml_pairs(dataclasses.asdict(model))]

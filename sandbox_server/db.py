@@ -149,13 +149,21 @@ class Database:
         return order.index(job.id) if job.id in order else None
 
     def _queued(self, model: str) -> list[str]:
-        """QUEUED job ids of ``model`` in the order workers claim them (fair across keys: round robin
-        over keys, each key's jobs oldest first)."""
-        rows = self._con().execute("SELECT id, key_id FROM jobs WHERE model = ? AND status = ? ORDER BY created",
-                                   (model, JobStatus.QUEUED)).fetchall()
+        """QUEUED job ids of ``model`` in the order workers claim them (fair across keys: round robin over
+        keys, each key's jobs oldest first). The round starts with the key served least recently (its
+        latest job start), so that successive one-job claims also alternate: a key with 50 queued jobs
+        does not go first again and again while another waits."""
+        con = self._con()
+        rows = con.execute("SELECT id, key_id FROM jobs WHERE model = ? AND status = ? ORDER BY created",
+                           (model, JobStatus.QUEUED)).fetchall()
         per_key: dict[str, list[str]] = {}
         for job_id, key_id in rows:
             per_key.setdefault(key_id, []).append(job_id)
+        if len(per_key) > 1:
+            served = dict(con.execute("SELECT key_id, MAX(started) FROM jobs WHERE model = ? AND started IS NOT "
+                                      "NULL GROUP BY key_id", (model,)).fetchall())
+            first = {k: i for i, k in enumerate(per_key)}
+            per_key = dict(sorted(per_key.items(), key=lambda kv: (served.get(kv[0]) or 0.0, first[kv[0]])))
         order: list[str] = []
         queues = list(per_key.values())
         depth = 0
@@ -183,6 +191,14 @@ class Database:
                 con.execute("UPDATE jobs SET status = ?, started = ?, worker_pid = ? WHERE id = ?",
                             (JobStatus.RUNNING, now or time.time(), worker_pid, job_id))
         return [j for j in (self.get_job(i) for i in order) if j is not None]
+
+    def restart_clock(self, job_ids: list[str], now: float | None = None) -> None:
+        """Set ``started`` of RUNNING jobs to now: a co-batched job run again alone gets its full time limit
+        (the supervisor measures a job's run time from ``started``)."""
+        with self._tx() as con:
+            for job_id in job_ids:
+                con.execute("UPDATE jobs SET started = ? WHERE id = ? AND status = ?",
+                            (now or time.time(), job_id, JobStatus.RUNNING))
 
     def finish_job(self, job_id: str, status: str, *, error: dict[str, Any] | None = None,
                    result: ResultInfo | None = None, now: float | None = None) -> bool:

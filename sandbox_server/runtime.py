@@ -23,7 +23,7 @@ import contextlib
 import resource
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -65,6 +65,8 @@ class JobGuard:
         self._cancel_requested = cancel_requested
         self._poll_s = poll_s
         self._job: str | None = None
+        self._jobs: tuple[str, ...] = ()
+        self.cancelled: list[str] = []     # the watched jobs whose owners asked to cancel (a co-batch has several)
         self._deadline = float("inf")
         self._abort: str | None = None
         self._wake = threading.Condition()
@@ -78,10 +80,12 @@ class JobGuard:
         return self._abort
 
     @contextlib.contextmanager
-    def watch(self, job_id: str, timeout_s: float) -> Iterator[JobGuard]:
-        """Guard one job: raises ``JobAborted`` inside module calls once the job must stop."""
+    def watch(self, job_id: str | Sequence[str], timeout_s: float) -> Iterator[JobGuard]:
+        """Guard one job (or the jobs of one co-batch, stopped together when any is cancelled): raises
+        ``JobAborted`` inside module calls once the job must stop; ``cancelled`` then names who cancelled."""
+        jobs = (job_id,) if isinstance(job_id, str) else tuple(job_id)
         with self._wake:
-            self._job, self._abort = job_id, None
+            self._job, self._jobs, self._abort, self.cancelled = jobs[0], jobs, None, []
             self._deadline = time.monotonic() + timeout_s
             self._wake.notify()
         handle = register_module_forward_pre_hook(self._pre_hook)
@@ -106,14 +110,15 @@ class JobGuard:
             with self._wake:
                 while self._job is None:
                     self._wake.wait()
-                job = self._job
+                jobs = self._jobs
             time.sleep(self._poll_s)
             try:
-                cancelled = self._cancel_requested(job)
+                cancelled = [job for job in jobs if self._cancel_requested(job)]
             except Exception:  # a busy or briefly locked database: try again at the next poll
                 continue
             with self._wake:
-                if cancelled and self._job == job and self._abort is None:
+                if cancelled and self._jobs == jobs and self._abort is None:
+                    self.cancelled = cancelled
                     self._abort = "cancelled"
 
 

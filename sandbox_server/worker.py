@@ -1,12 +1,14 @@
-"""One model worker process: loads one model, then runs that model's queued jobs one at a time.
+"""One model worker process: loads one model, then runs that model's queued jobs (co-batched when they fit).
 
     python -m sandbox_server.worker --config server.toml --model tiny-gpt2     # the supervisor starts it
 
 A job's path here: wake on a datagram at ``config.wake_socket(model)`` (or every 0.2 s), claim the
-next job fairly (``db.claim_next``), validate its stored graph again (nothing unvalidated ever runs),
-run it with the client's interpreter under the run-time guard (``runtime.JobGuard``: deadline and
-cancel), encode the saved values as one safetensors bundle, sign its SHA-256 together with the job
-id, put it in the result store under an unguessable key, and record the outcome in the database.
+next jobs fairly (``db.claim_batch``, up to ``[batching] max_batch``; ``max_batch = 1`` claims one at a
+time), validate each stored graph again (nothing unvalidated ever runs), run compatible jobs merged
+into one forward (``cobatch``, ``run_batch``) and the others alone with the client's interpreter, under
+the run-time guard (``runtime.JobGuard``: deadline and cancel), encode each job's saved values as its
+own safetensors bundle, sign its SHA-256 together with the job id, put it in the result store under an
+unguessable key, and record the outcome in the database.
 Every failure ends the job ERROR with {"code", "message", "node", "source"}; the worker lives on.
 
 SIGTERM (or SIGINT) lets the current job finish, then the worker exits. With the environment variable
@@ -31,10 +33,12 @@ from typing import Any
 import torch
 from torch import nn
 
+from sandbox_client.graph import Graph
 from sandbox_client.interpreter.ops import user_function_deadline
 from storage import BundleError, ResultStore, Signer, StorageError, encode_results, result_message
 from validator import ModelSpec, validate
 
+from .cobatch import group_jobs, run_together
 from .config import ModelConfig, ServerConfig
 from .db import Database
 from .modelinfo import write_model_info
@@ -106,12 +110,116 @@ class ModelWorker:
         """Run queued jobs of this model until the queue is empty (or SIGTERM); returns how many ran."""
         count = 0
         while not self.stopping:
-            job = self.db.claim_next(self.cfg.name, self.pid)
-            if job is None:
+            jobs = self.claim()
+            if not jobs:
                 break
-            self.run_job(job)
-            count += 1
+            if len(jobs) == 1:
+                self.run_job(jobs[0])
+            else:
+                self.run_batch(jobs)
+            count += len(jobs)
         return count
+
+    def claim(self) -> list[JobRecord]:
+        """The next jobs in fair order: one, or up to ``[batching] max_batch`` after waiting ``batch_wait_ms``
+        for more to arrive when fewer are queued."""
+        batching = self.config.batching
+        if batching.max_batch <= 1:
+            job = self.db.claim_next(self.cfg.name, self.pid)
+            return [job] if job is not None else []
+        jobs = self.db.claim_batch(self.cfg.name, self.pid, batching.max_batch)
+        if jobs and len(jobs) < batching.max_batch and batching.batch_wait_ms > 0:
+            time.sleep(batching.batch_wait_ms / 1000.0)
+            jobs += self.db.claim_batch(self.cfg.name, self.pid, batching.max_batch - len(jobs))
+        return jobs
+
+    # ----- several jobs: co-batching ---------------------------------------------------------
+    def run_batch(self, jobs: list[JobRecord]) -> dict[str, str]:
+        """Run claimed jobs, merging compatible ones into one forward (``cobatch``); {job id: end status}.
+
+        Each merged group runs under one guard: the deadline is ``timeout_s`` from the group's start (every
+        job's clock is restarted then, so the supervisor measures the same); a cancel stops the group, the
+        cancelled job ends CANCELLED and the rest run merged again; a timeout sends every member to run alone
+        with its own full limit (the slow one cannot be told apart). Jobs that may not share a batch, fail
+        to validate, or that ``cobatch`` hands back, run alone afterwards through ``run_job``.
+        """
+        self._heartbeat(jobs[0].id, force=True)
+        ended: dict[str, str] = {}
+        alone: list[JobRecord] = []
+        graphs: dict[str, Graph] = {}
+        for job in jobs:
+            try:
+                graphs[job.id] = validate(self.db.job_request(job.id), self.spec, self.config.limits).graph
+            except Exception:   # run_job validates again and reports the error exactly as for a lone job
+                alone.append(job)
+        ready = [job for job in jobs if job.id in graphs]
+        try:
+            groups = group_jobs(self.lm, [graphs[job.id] for job in ready], self.config.batching.max_batch_tokens)
+        except Exception:       # e.g. an input the tokenizer refuses: alone, the job gets its own error
+            groups = [[i] for i in range(len(ready))]
+        for group in groups:
+            members = [ready[i] for i in group]
+            if len(members) == 1:
+                alone.append(members[0])
+            else:
+                ended.update(self._run_group(members, graphs, alone))
+        for job in sorted(alone, key=jobs.index):
+            self.db.restart_clock([job.id])
+            ended[job.id] = self.run_job(job)
+        return ended
+
+    def _run_group(self, members: list[JobRecord], graphs: dict[str, Graph],
+                   alone: list[JobRecord]) -> dict[str, str]:
+        ended: dict[str, str] = {}
+        pending = list(members)
+        timeout = self.config.jobs.timeout_s
+        while len(pending) > 1:
+            ids = [job.id for job in pending]
+            self._heartbeat(ids[0], force=True)
+            self.db.restart_clock(ids)
+            try:
+                with self.guard.watch(ids, timeout) as guard, \
+                        user_function_deadline(time.monotonic() + timeout):
+                    run = run_together(self.lm, [graphs[i] for i in ids])
+                    guard.check()
+            except JobAborted as exc:
+                cancelled = set(self.guard.cancelled) if exc.reason == "cancelled" else set()
+                if not cancelled:
+                    alone.extend(pending)
+                    return ended
+                for job in pending:
+                    if job.id in cancelled:
+                        ended[job.id] = self._finish(job, error=exc)
+                pending = [job for job in pending if job.id not in cancelled]
+                continue
+            finally:
+                self._check_model()
+            for k, job in enumerate(pending):
+                if k in run.results:
+                    ended[job.id] = self._finish(job, values=run.results[k])
+                else:
+                    alone.append(job)
+            return ended
+        alone.extend(pending)
+        return ended
+
+    def _finish(self, job: JobRecord, values: dict[int, Any] | None = None,
+                error: BaseException | None = None) -> str:
+        """End one job of a co-batch: store its own values (encoded, signed, size-checked) or report ``error``."""
+        status, result, report = JobStatus.COMPLETED, None, None
+        try:
+            if error is not None:
+                raise error
+            result = self._encode_and_store(job.id, values or {})
+        except BaseException as exc:
+            if isinstance(exc, (KeyboardInterrupt, SystemExit)):
+                raise
+            report = describe_error(exc, self.config.jobs.timeout_s, self.config.jobs.worker_memory_mb)
+            status = JobStatus.CANCELLED if report["code"] == "cancelled" else JobStatus.ERROR
+        if not self.db.finish_job(job.id, status, error=report, result=result) and result is not None:
+            self.store.delete(result.key)
+        self._record_param_hash(job.id)
+        return status
 
     # ----- one job ---------------------------------------------------------------------------
     def run_job(self, job: JobRecord) -> str:
@@ -141,13 +249,16 @@ class ModelWorker:
         with self.guard.watch(job.id, timeout) as guard, user_function_deadline(time.monotonic() + timeout):
             values = self.lm._run_graph(checked.graph)
             guard.check()
-            try:
-                data = encode_results({str(k): v for k, v in values.items()})
-            except BundleError as err:
-                raise JobFailure("result_encoding", str(err)) from None
-            del values
+            return self._encode_and_store(job.id, values)
+
+    def _encode_and_store(self, job_id: str, values: dict[int, Any]) -> ResultInfo:
+        try:
+            data = encode_results({str(k): v for k, v in values.items()})
+        except BundleError as err:
+            raise JobFailure("result_encoding", str(err)) from None
+        del values
         check_result_size(len(data), self.config.limits.max_result_bytes)
-        return self._store_result(job.id, data)
+        return self._store_result(job_id, data)
 
     def _store_result(self, job_id: str, data: bytes) -> ResultInfo:
         sha = hashlib.sha256(data).hexdigest()

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import heapq
 from collections import defaultdict
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from torch import nn
@@ -23,7 +23,7 @@ from ..errors import InterventionError, OrderError, SandboxError
 from ..events import EventKey, event_of
 from ..graph import GRAD_OPS, Graph, Node, Ref
 from .ops import OpContext, run_op
-from .rows import narrow
+from .rows import SharedValueError, narrow, narrow_isolated
 
 ALL = "all"
 
@@ -35,12 +35,17 @@ class StopForward(Exception):
 class Executor:
     """Dataflow state of one graph run over one batch."""
 
-    def __init__(self, graph: Graph, module: nn.Module, rows: list[slice | None], batch: int) -> None:
+    def __init__(self, graph: Graph, module: nn.Module, rows: list[slice | None], batch: int,
+                 isolated: bool = False) -> None:
         self.graph = graph
         self.nodes = graph.nodes
         self.module = module
         self.rows = rows
         self.batch = batch
+        # isolated: the batch holds several jobs' rows (sandbox_server.cobatch): opaque values are withheld,
+        # in-place writes into tensors every job shares are refused, and the generated ids are cut too
+        self.isolated = isolated
+        self.shared: list[torch.Tensor] = []
         self.step = -1
         n = len(self.nodes)
         self.deps: list[tuple[int, ...]] = [node.refs() for node in self.nodes]
@@ -158,12 +163,26 @@ class Executor:
         try:
             args = _resolve(node.args, self.values) if node.args else ()
             kwargs = _resolve(node.kwargs, self.values) if node.kwargs else {}
-            value = self._execute(node, args, kwargs, rows)
-        except (SandboxError, StopForward):
+            if self.shared:
+                versions = [t._version for t in self.shared]
+                value = self._execute(node, args, kwargs, rows)
+                # strict=False: the node may have added tensors of its own reads to self.shared meanwhile
+                if any(t._version != v for t, v in zip(self.shared, versions, strict=False)):
+                    raise SharedValueError("it wrote in place into a tensor every job of the batch shares")
+            else:
+                value = self._execute(node, args, kwargs, rows)
+        except SandboxError as exc:
+            if exc.node_id is None:
+                exc.node_id = i
             raise
+        except StopForward:
+            raise
+        except SharedValueError as exc:
+            raise _blamed(InterventionError(f"not isolable in a shared batch: {exc}", source=node.source), i) from exc
         except Exception as exc:
             what = "user function" if node.op == "apply" else f"{node.op} {node.target or ''}".strip()
-            raise InterventionError(f"{what} failed: {type(exc).__name__}: {exc}", source=node.source) from exc
+            raise _blamed(InterventionError(f"{what} failed: {type(exc).__name__}: {exc}", source=node.source),
+                          i) from exc
         self.done[i] = True
         if self.refcount[i] > 0 or i in self.saved or i in self.pinned:
             self.values[i] = value
@@ -193,17 +212,20 @@ class Executor:
         else:
             self.results[i] = value
 
+    def narrow(self, value: Any, rows: slice | None, batch: int) -> Any:
+        return narrow_isolated(value, rows, batch, self.shared) if self.isolated else narrow(value, rows, batch)
+
     def _execute(self, node: Node, args: tuple[Any, ...], kwargs: dict[str, Any], rows: slice | None) -> Any:
         op = node.op
         if op in ("output", "grad"):
-            return narrow(self.current[(self.event_of[node.id] or ("", "", 0))[:2]], rows, self.batch)
+            return self.narrow(self.current[(self.event_of[node.id] or ("", "", 0))[:2]], rows, self.batch)
         if op == "input":
             call_args, _ = self.current[(node.target or "", "input")]
             if not call_args:
                 raise ValueError("the module was called without positional arguments; use .inputs instead")
-            return narrow(call_args[0], rows, self.batch)
+            return self.narrow(call_args[0], rows, self.batch)
         if op == "inputs":
-            return narrow(self.current[(node.target or "", "input")], rows, self.batch)
+            return self.narrow(self.current[(node.target or "", "input")], rows, self.batch)
         if op in ("set_output", "set_grad"):
             key = (self.event_of[node.id] or ("", "", 0))[:2]
             self.current[key] = self.ctx.merge(self.current[key], args[-1], rows)
@@ -225,7 +247,8 @@ class Executor:
             self.stop_requested = True
             return None
         if op == "result":
-            return self.current[("", "result")]
+            ids = self.current[("", "result")]
+            return self.narrow(ids, rows, self.batch) if self.isolated else ids
         return run_op(self.ctx, node, args, kwargs)
 
     # ----- ending ---------------------------------------------------------------------------
@@ -243,14 +266,17 @@ class Executor:
         waiting_on = [d for d in self.deps[i] if not self.done[d]]
         culprit = self.nodes[waiting_on[0]] if waiting_on else None
         blame = f" (it needs the value from {culprit.source or f'node {culprit.id}'})" if culprit else ""
-        return OrderError(
+        return _blamed(OrderError(
             f"{_where(path)} {kind} happens before a value this line needs exists{blame}; "
             "a value read later in the forward cannot be used earlier in the same forward: "
             "split it into two traces or use a value from an earlier invoke/step",
             source=node.source,
-        )
+        ), i)
 
     def _never_ran(self, i: int) -> SandboxError:
+        return _blamed(self._never_ran_error(i), i)
+
+    def _never_ran_error(self, i: int) -> SandboxError:
         node = self.nodes[i]
         event = self.event_of[i]
         if event is not None and event[1] != "result":
@@ -268,6 +294,14 @@ class Executor:
                 "(was the forward stopped early, or does the model not use this module?)", source=node.source)
         return OrderError("this line could not run: it needs a value that the forward never produced",
                           source=node.source)
+
+
+_E = TypeVar("_E", bound=SandboxError)
+
+
+def _blamed(error: _E, node_id: int) -> _E:
+    error.node_id = node_id
+    return error
 
 
 def _where(path: str) -> str:

@@ -31,6 +31,55 @@ def narrow(value: Any, rows: slice | None, batch: int) -> Any:
     return value
 
 
+class SharedValueError(Exception):
+    """A node used a value that holds rows of other jobs and cannot be cut to its own (an opaque object such
+    as a key/value cache). Raised only in isolated (co-batched) runs: the job must run alone."""
+
+
+class Withheld:
+    """Stands in, in an isolated run, for an opaque value (e.g. a key/value cache) that holds every job's rows:
+    any use (attributes, items, comparison, printing) raises ``SharedValueError``, so a node that needs it
+    fails and its job runs again alone."""
+
+    __slots__ = ("kind",)
+
+    def __init__(self, kind: str) -> None:
+        self.kind = kind
+
+    def _refuse(self, *args: Any, **kwargs: Any) -> Any:
+        raise SharedValueError(f"a {self.kind} holds every job's rows of a shared batch")
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("__"):
+            raise AttributeError(name)
+        return self._refuse()
+
+    __getitem__ = __setitem__ = __iter__ = __len__ = __bool__ = __call__ = _refuse
+    __eq__ = __ne__ = __lt__ = __le__ = __gt__ = __ge__ = __hash__ = _refuse
+    __str__ = __repr__ = __format__ = _refuse
+
+
+_PLAIN = (type(None), bool, int, float, complex, str, bytes, torch.dtype, torch.device, torch.Size)
+
+
+def narrow_isolated(value: Any, rows: slice | None, batch: int, shared: list[torch.Tensor]) -> Any:
+    """``narrow`` for a batch shared by several jobs: opaque objects become ``Withheld``; tensors without
+    the batch as first dimension (a rotary table, a causal mask) pass whole and are appended to ``shared``,
+    so that the executor can refuse an in-place write into them (it would reach every job)."""
+    if isinstance(value, torch.Tensor):
+        if rows is not None and not (value.dim() > 0 and value.shape[0] == batch):
+            shared.append(value)
+        return narrow(value, rows, batch)
+    if isinstance(value, _PLAIN):
+        return value
+    if isinstance(value, (tuple, list)) and not hasattr(value, "_fields"):
+        parts = [narrow_isolated(v, rows, batch, shared) for v in value]
+        return parts if isinstance(value, list) else tuple(parts)
+    if isinstance(value, Mapping):
+        return _rebuild_mapping(value, {k: narrow_isolated(v, rows, batch, shared) for k, v in value.items()})
+    return Withheld(type(value).__name__)
+
+
 def merge(old: Any, new: Any, rows: slice | None, batch: int) -> Any:
     """``old`` with its ``rows`` replaced by ``new`` (a fresh value; autograd flows through both)."""
     if rows is None:

@@ -27,6 +27,7 @@ class Batch:
     call: Callable[[], Any]
     rows: list[slice | None]
     size: int
+    isolated: bool = False   # several jobs share the batch: every value a node sees is cut to its rows
 
 
 def needs_grad(graph: Graph) -> bool:
@@ -41,7 +42,7 @@ def run_graph(graph: Graph, module: nn.Module, batch: Batch,
 
     ``modules`` (path -> module, as ``dict(module.named_modules())``) saves looking paths up per run.
     """
-    executor = Executor(graph, module, batch.rows, batch.size)
+    executor = Executor(graph, module, batch.rows, batch.size, isolated=batch.isolated)
     grad = needs_grad(graph)
     saved_grads = [(p, p.grad) for p in module.parameters()] if grad else []
     try:

@@ -248,10 +248,10 @@ def test_the_example_config_names_every_option_with_its_default() -> None:
     data = tomllib.loads(path.read_text())
     config = ServerConfig.load(path)
     defaults = ServerConfig()
-    server_fields = {f.name for f in dataclasses.fields(ServerConfig)} - {"models", "store", "jobs", "keys",
-                                                                          "limits", "source_path"}
+    server_fields = {f.name for f in dataclasses.fields(ServerConfig)} - {"models", "store", "jobs", "batching",
+                                                                          "keys", "limits", "source_path"}
     assert set(data["server"]) == server_fields
-    for section in ("store", "jobs", "keys", "limits"):
+    for section in ("store", "jobs", "batching", "keys", "limits"):
         assert getattr(config, section) == getattr(defaults, section), section
         assert set(data[section]) == {f.name for f in dataclasses.fields(getattr(defaults, section))}, section
     assert set(data["models"][0]) == {f.name for f in dataclasses.fields(ModelConfig)}

@@ -8,9 +8,10 @@ experiment on SmolLM2-135M through one server; co-batching (max_batch = 16) agai
 
 The experiment: a trace on a 16-token prompt saving 3 activations (two decoder layers' last-token
 states and the next-token logits). Each user process waits at a barrier, then runs ``--jobs``
-experiments back to back. Memory: peak RSS of all server processes (supervisor, gunicorn, the model
-worker), sampled every 50 ms, against K x the RSS of one process that loads the model and runs the
-same experiment locally (what each researcher does today); with --device cuda also GPU memory.
+experiments back to back. Memory: peak memory of all server processes (supervisor, gunicorn, the model
+worker) against K x the peak RSS of one process that loads the model and runs the
+same experiment locally (what each researcher does today); with --device cuda also GPU memory. Server
+memory is the sum of PSS over its processes (shared library pages counted once), sampled every 50 ms.
 """
 from __future__ import annotations
 
@@ -60,7 +61,8 @@ def user_main(host: str, key: str, jobs: int, go: str) -> None:
 
 # ----- measurements ------------------------------------------------------------------------------
 def tree_rss_mb(pid: int) -> float:
-    """RSS of ``pid`` and all its descendants, from /proc (MiB)."""
+    """Memory of ``pid`` and all its descendants (MiB): the sum of their PSS, so pages the processes share
+    (torch's libraries, mapped once) count once, as they occupy RAM once; RSS would count them per process."""
     children: dict[int, list[int]] = {}
     for entry in os.listdir("/proc"):
         if entry.isdigit():
@@ -74,8 +76,8 @@ def tree_rss_mb(pid: int) -> float:
         current = todo.pop()
         todo.extend(children.get(current, []))
         try:
-            for line in Path(f"/proc/{current}/status").read_text().splitlines():
-                if line.startswith("VmRSS:"):
+            for line in Path(f"/proc/{current}/smaps_rollup").read_text().splitlines():
+                if line.startswith("Pss:"):
                     total += int(line.split()[1]) / 1024
         except OSError:
             pass
@@ -155,7 +157,7 @@ def main() -> None:
     table: dict[tuple[int, int], dict[str, float]] = {}
     for max_batch in (16, 1):
         with start_server(tmp / f"server-{max_batch}", models=[model], batching={"max_batch": max_batch},
-                          server={"web_workers": 2, "web_threads": 16}) as server:
+                          server={"web_workers": 1, "web_threads": 32}) as server:
             assert server.process is not None
             for users in args.users:
                 with PeakSampler(server.process.pid) as peak:
@@ -167,7 +169,7 @@ def main() -> None:
     gpu = f", {local_gpu:.0f} MiB GPU" if local_gpu else ""
     print(f"\nSmolLM2-135M on {args.device}, {args.jobs} experiments per user (trace, 16-token prompt, 3 saved "
           f"activations); one local copy: {local_rss:.0f} MiB RSS{gpu}")
-    print("\n| K | server peak RSS MiB | K local copies MiB | memory saved | co-batched exp/s | max_batch=1 exp/s "
+    print("\n| K | server peak PSS MiB | K local copies MiB | memory saved | co-batched exp/s | max_batch=1 exp/s "
           "| speed-up | p50 / p99 ms co-batched | p50 / p99 ms max_batch=1 |")
     print("|---|---|---|---|---|---|---|---|---|")
     for users in args.users:

@@ -467,3 +467,28 @@ def test_batching_config() -> None:
     assert ServerConfig.from_dict({}).batching == BatchingConfig(8, 4096, 2.0)
     with pytest.raises(ConfigError, match="max_batch"):
         ServerConfig.from_dict({"batching": {"max_batch": 0}})
+
+
+@pytest.mark.smollm2
+@pytest.mark.slow
+def test_smollm2_users_co_batched_get_what_they_get_alone() -> None:
+    """The real model: four users' 9-token prompts (a read, an edit, a patch between two invokes, a lens) in
+    one forward; each job's values are bitwise what it gets alone."""
+    from sandbox_client.pretrained import smollm2_folder
+
+    lm = sc.LanguageModel(smollm2_folder())
+
+    def lens(rec: Any) -> None:
+        rec.lm_head(rec.model.norm(rec.model.layers[20].output[:, -1])).argmax(-1).save()
+
+    def patch(rec: Any) -> None:
+        rec.model.layers[25].output[:, -1] = rec.model.layers[25].output[:, -1] * 0.0
+        rec.lm_head.output[:, -1].softmax(-1).save()
+
+    graphs = [trace(lm, edit_and_read, "The Eiffel Tower is in the city of"),
+              trace(lm, patch, "The Colosseum is in the city of"),
+              trace(lm, lens, "The Eiffel Tower is in the city of", "The Colosseum is in the city of"),
+              trace(lm, edit_and_read, "The Colosseum is in the city of")]
+    assert group_jobs(lm, graphs, 4096) == [[0, 1, 2, 3]]
+    run = same_as_alone(lm, graphs)
+    assert sorted(run.results) == [0, 1, 2, 3] and run.attempts == 1

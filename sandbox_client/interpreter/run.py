@@ -8,6 +8,7 @@ that a backward pass leaves on parameters are restored to what they were.
 """
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -28,6 +29,41 @@ class Batch:
     rows: list[slice | None]
     size: int
     isolated: bool = False   # several jobs share the batch: every value a node sees is cut to its rows
+
+
+def literals_on(graph: Graph, device: torch.device) -> Graph:
+    """The graph with every tensor literal in its nodes on ``device`` (values sent by the client, e.g. a patch
+    taken from an earlier trace, arrive on the CPU; the model may live on a GPU). Unchanged on the CPU."""
+    if device.type == "cpu" or not any(_has_tensor(n.args) or _has_tensor(n.kwargs) for n in graph.nodes):
+        return graph
+    nodes = [dataclasses.replace(n, args=_moved(n.args, device), kwargs=_moved(n.kwargs, device))
+             if _has_tensor(n.args) or _has_tensor(n.kwargs) else n for n in graph.nodes]
+    return dataclasses.replace(graph, nodes=nodes)
+
+
+def _has_tensor(value: Any) -> bool:
+    if isinstance(value, torch.Tensor):
+        return True
+    if isinstance(value, (list, tuple)):
+        return any(_has_tensor(v) for v in value)
+    if isinstance(value, dict):
+        return any(_has_tensor(v) for v in value.values())
+    return False
+
+
+def _moved(value: Any, device: torch.device) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.to(device)
+    if type(value) in (list, tuple):
+        return type(value)(_moved(v, device) for v in value)
+    if type(value) is dict:
+        return {k: _moved(v, device) for k, v in value.items()}
+    return value
+
+
+def _device_of(module: nn.Module) -> torch.device:
+    param = next(module.parameters(), None)
+    return param.device if param is not None else torch.device("cpu")
 
 
 def needs_grad(graph: Graph) -> bool:

@@ -39,9 +39,11 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def cli(*args: str) -> str:
-    return subprocess.run([sys.executable, "-m", "sandbox_server.cli", *args], check=True, capture_output=True,
-                          text=True).stdout
+def cli(*args: str, check: bool = True) -> str:
+    done = subprocess.run([sys.executable, "-m", "sandbox_server.cli", *args], capture_output=True, text=True)
+    if check and done.returncode != 0:
+        raise SystemExit(f"interp-sandbox {' '.join(args)} failed: {done.stderr.strip()}")
+    return done.stdout
 
 
 def start_server(port: int) -> subprocess.Popen[bytes]:
@@ -109,6 +111,7 @@ def main() -> None:
     port = free_port()
     server = start_server(port)
     try:
+        cli("keys", "revoke", "--data-dir", str(DATA), "demo", check=False)   # the previous run's key, if any
         key = re.search(r"isk_\S+", cli("keys", "create", "--data-dir", str(DATA), "--name", "demo"))
         assert key, "keys create printed no key"
         host = f"http://127.0.0.1:{port}"

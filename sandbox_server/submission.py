@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import math
 import secrets
-import socket
 import time
 from typing import Any
 
@@ -27,8 +26,8 @@ from .db import Database
 from .errors import ApiError
 from .modelinfo import ModelInfo
 from .types import JobRecord, JobStatus, KeyRecord
+from .wake import send_wake
 
-WAKE_MESSAGE = b"job"
 RETRY_UNAVAILABLE_S = 5
 _POLL_FAST_S = 0.002        # long-poll interval for the first 0.1 s: a tiny job ends within a few ms
 _POLL_SLOW_S = 0.005
@@ -47,7 +46,7 @@ def submit(config: ServerConfig, db: Database, catalog: Catalog, key: KeyRecord,
     retry = db.insert_job_limited(job, graph_text, key.rate_per_minute, key.daily_jobs, now)
     if retry is not None:
         raise _limit_error(key, retry)
-    wake_worker(config, model)
+    send_wake(config.wake_socket(model))   # the worker also polls: a lost datagram only costs latency
     return job
 
 
@@ -152,16 +151,6 @@ def job_view(job: JobRecord, db: Database, store: ResultStore, config: ServerCon
             "position": db.queue_position(job), "created": job.created, "started": job.started,
             "finished": job.finished, "cancel_requested": job.cancel_requested, "error": job.error,
             "result": result, "result_expired": job.result_expired}
-
-
-def wake_worker(config: ServerConfig, model: str) -> None:
-    """Best effort: one datagram to the model worker's socket, so it claims the job without waiting to poll."""
-    try:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
-            sock.setblocking(False)
-            sock.sendto(WAKE_MESSAGE, str(config.wake_socket(model)))
-    except OSError:
-        pass    # no worker listening (yet): it polls the database on its own as well
 
 
 def _validated(catalog: Catalog, model: str, graph_text: bytes) -> ValidatedGraph:

@@ -22,12 +22,9 @@ import argparse
 import hashlib
 import os
 import secrets
-import select
 import signal
-import socket
 import sys
 import time
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -44,6 +41,7 @@ from .db import Database
 from .modelinfo import write_model_info
 from .runtime import JobAborted, JobFailure, JobGuard, cap_address_space, check_result_size, describe_error
 from .types import JobRecord, JobStatus, ResultInfo
+from .wake import bind_wake_socket, wait_for_wake
 
 WAIT_S = 0.2             # longest sleep between claims when no datagram arrives
 HEARTBEAT_S = 1.0
@@ -318,40 +316,6 @@ def model_hash(model: nn.Module) -> str:
 
 
 # ----- the wake socket ------------------------------------------------------------------------
-def bind_wake_socket(path: Path) -> socket.socket:
-    """Bind the Unix datagram socket the web tier pokes after queueing a job (its folder made 0700)."""
-    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    path.parent.chmod(0o700)
-    path.unlink(missing_ok=True)    # a stale socket of a worker that died
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-    sock.setblocking(False)
-    sock.bind(socket_address(path))
-    return sock
-
-
-def socket_address(path: Path) -> str:
-    """``path``, or for paths past the 107-byte limit of AF_UNIX the same file through /proc/self/fd."""
-    text = str(path)
-    if len(text.encode()) < 100:
-        return text
-    fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)  # kept open: the address goes through it
-    return f"/proc/self/fd/{fd}/{path.name}"
-
-
-def wait_for_wake(sock: socket.socket, timeout: float) -> bool:
-    """Sleep until a datagram arrives or ``timeout`` passes; drain every queued datagram. True if woken."""
-    try:
-        ready, _, _ = select.select([sock], [], [], timeout)
-    except InterruptedError:  # a signal: the caller re-checks whether to stop
-        return False
-    woke = False
-    while ready:
-        try:
-            sock.recv(64)
-            woke = True
-        except (BlockingIOError, InterruptedError):
-            break
-    return woke
 
 
 def _open_store(config: ServerConfig) -> ResultStore:

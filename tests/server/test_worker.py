@@ -24,14 +24,8 @@ import sandbox_client as sc
 from sandbox_server.config import ServerConfig
 from sandbox_server.modelinfo import read_model_info
 from sandbox_server.types import JobRecord, JobStatus
-from sandbox_server.worker import (
-    ModelWorker,
-    bind_wake_socket,
-    model_flags,
-    model_hash,
-    socket_address,
-    wait_for_wake,
-)
+from sandbox_server.wake import bind_wake_socket, send_wake, wait_for_wake
+from sandbox_server.worker import ModelWorker, model_flags, model_hash
 from storage import decode_results, result_message, verify_signature
 
 from .jobgraphs import PROMPT, Recorder, assert_same_values, job_graphs, logits_graph, run_locally, slow_graph
@@ -250,9 +244,8 @@ def test_wake_socket_with_a_path_longer_than_af_unix_allows(tmp_path: Path) -> N
     try:
         assert path.exists()
         assert not wait_for_wake(sock, 0.01)
-        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sender:
-            for _ in range(3):
-                sender.sendto(b"job", socket_address(path))
+        for _ in range(3):
+            send_wake(path)
         assert wait_for_wake(sock, 1.0)
         assert not wait_for_wake(sock, 0.01)    # all three were drained by one wake
     finally:

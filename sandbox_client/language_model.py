@@ -19,7 +19,7 @@ from .errors import TraceError
 from .graph import Graph, Invoke, Ref
 from .inputs import TokenBatch, pad_left, token_rows, unpadded_ids
 from .interpreter.executor import Executor
-from .interpreter.run import Batch, run_graph
+from .interpreter.run import Batch, device_of, run_graph
 from .model import Model
 from .order import check_graph
 from .tracer import Tracer
@@ -98,7 +98,7 @@ class LanguageModel(Model):
         kwargs: dict[str, Any] = {"input_ids": tokens.input_ids, **extra}
         if tokens.padded:
             kwargs.update(attention_mask=tokens.attention_mask, position_ids=tokens.position_ids)
-        device = _device_of(self._module)   # token ids are built on the CPU; the model may live on a GPU
+        device = device_of(self._module)   # token ids are built on the CPU; the model may live on a GPU
         kwargs = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
         module = self._module
         return Batch(call=lambda: module(**kwargs), rows=rows, size=tokens.input_ids.shape[0])
@@ -108,7 +108,7 @@ class LanguageModel(Model):
         module: Any = self._module
         pad = self._pad_id()
 
-        device = _device_of(module)
+        device = device_of(module)
 
         def call() -> Any:
             return module.generate(input_ids=tokens.input_ids.to(device), attention_mask=tokens.mask().to(device),
@@ -127,11 +127,6 @@ class LanguageModel(Model):
             if isinstance(candidate, int):
                 return candidate
         return 0
-
-
-def _device_of(module: nn.Module) -> torch.device:
-    param = next(module.parameters(), None)
-    return param.device if param is not None else torch.device("cpu")
 
 
 def _deliver_result(executor: Executor, output: Any) -> None:

@@ -156,7 +156,7 @@ class ServerConfig:
         _known(server, {f.name for f in dataclasses.fields(cls)} - {"models", "store", "jobs", "batching", "keys",
                                                                    "limits", "source_path"}, "[server]")
         data_dir = Path(os.environ.get("SANDBOX_DATA_DIR") or server.pop("data_dir", ".sandbox-data"))
-        server.pop("data_dir", None)
+        server.pop("data_dir", None)   # when the environment chose it, the file's value is dropped
         if "SANDBOX_PORT" in os.environ:
             server["port"] = int(os.environ["SANDBOX_PORT"])
         models = tuple(_section(ModelConfig, m, f"[[models]] #{i}") for i, m in enumerate(data.get("models", [])))

@@ -175,16 +175,11 @@ class Database:
     # ----- jobs: workers ---------------------------------------------------------------------
     def claim_next(self, model: str, worker_pid: int, now: float | None = None) -> JobRecord | None:
         """Take the next QUEUED job of ``model`` (fair order) and mark it RUNNING; None when the queue is empty."""
-        with self._tx() as con:
-            order = self._queued(model)
-            if not order:
-                return None
-            con.execute("UPDATE jobs SET status = ?, started = ?, worker_pid = ? WHERE id = ?",
-                        (JobStatus.RUNNING, now or time.time(), worker_pid, order[0]))
-        return self.get_job(order[0])
+        jobs = self.claim_batch(model, worker_pid, 1, now)
+        return jobs[0] if jobs else None
 
     def claim_batch(self, model: str, worker_pid: int, limit: int, now: float | None = None) -> list[JobRecord]:
-        """Like claim_next for up to ``limit`` jobs at once (co-batching)."""
+        """Take up to ``limit`` QUEUED jobs of ``model`` in fair order and mark them RUNNING (co-batching)."""
         with self._tx() as con:
             order = self._queued(model)[:limit]
             for job_id in order:

@@ -34,21 +34,11 @@ class Batch:
 def literals_on(graph: Graph, device: torch.device) -> Graph:
     """The graph with every tensor literal in its nodes on ``device`` (values sent by the client, e.g. a patch
     taken from an earlier trace, arrive on the CPU; the model may live on a GPU). Unchanged on the CPU."""
-    if device.type == "cpu" or not any(_has_tensor(n.args) or _has_tensor(n.kwargs) for n in graph.nodes):
+    if device.type == "cpu":
         return graph
     nodes = [dataclasses.replace(n, args=_moved(n.args, device), kwargs=_moved(n.kwargs, device))
-             if _has_tensor(n.args) or _has_tensor(n.kwargs) else n for n in graph.nodes]
+             for n in graph.nodes]
     return dataclasses.replace(graph, nodes=nodes)
-
-
-def _has_tensor(value: Any) -> bool:
-    if isinstance(value, torch.Tensor):
-        return True
-    if isinstance(value, (list, tuple)):
-        return any(_has_tensor(v) for v in value)
-    if isinstance(value, dict):
-        return any(_has_tensor(v) for v in value.values())
-    return False
 
 
 def _moved(value: Any, device: torch.device) -> Any:
@@ -61,7 +51,8 @@ def _moved(value: Any, device: torch.device) -> Any:
     return value
 
 
-def _device_of(module: nn.Module) -> torch.device:
+def device_of(module: nn.Module) -> torch.device:
+    """Where ``module``'s parameters live (the CPU for a module without any)."""
     param = next(module.parameters(), None)
     return param.device if param is not None else torch.device("cpu")
 

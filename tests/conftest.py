@@ -144,3 +144,13 @@ def s3_server() -> Iterator[Any]:
 
     with running_s3_server() as server:
         yield server
+
+
+@pytest.fixture
+def open_umask() -> Iterator[None]:
+    """Run with umask 000, so any restrictive file mode must come from the code under test."""
+    old = os.umask(0)
+    try:
+        yield
+    finally:
+        os.umask(old)

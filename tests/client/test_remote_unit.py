@@ -1,5 +1,5 @@
 """sc.RemoteModel's parts that need no real server: the weightless tree, output lengths from the
-shape template, key pinning, error mapping, tokenizer files, result verification, job following;
+shape template, error mapping, tokenizer files, result verification, job following;
 then the whole client against a small in-process HTTP fake that runs graphs with a local model.
 
 References: the HF model itself (named_modules, parameter shapes), forward hooks (output lengths),
@@ -11,7 +11,6 @@ import hashlib
 import json
 import os
 import socket
-import stat
 import threading
 from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -29,13 +28,14 @@ from sandbox_client.graph import Graph
 from sandbox_client.model import probe_output_lengths
 from sandbox_client.remote.api import ApiClient, error_from_response, normalize_host
 from sandbox_client.remote.job import RemoteJob, job_error
-from sandbox_client.remote.pins import CONFIG_ENV, KnownServers, config_dir, server_key
+from sandbox_client.remote.pins import CONFIG_ENV
 from sandbox_client.remote.results import verified_values
 from sandbox_client.remote.tokenizer import checked_files, tokenizer_from_files
 from sandbox_client.remote.tree import module_tree
 from validator.shapes import ShapeTemplate
 from validator.spec import ModelSpec
 
+OTHER_KEY = storage.Signer.generate().public_key_b64   # a server key that signed nothing here
 IDS = torch.tensor([[464, 412, 733, 8765, 318, 287, 262, 1748, 286]])
 
 
@@ -87,56 +87,6 @@ def test_output_lengths_from_template_match_hooks(tiny, arch):
     template = ShapeTemplate.from_dict(json.loads(json.dumps(probe_template(hf).to_dict())))
     batch = sc.LanguageModel(hf)._probe_batch(Graph(invokes=[sc.graph.Invoke((IDS,), {})]).invokes)
     assert template.output_lengths() == probe_output_lengths(hf, batch)
-
-
-# ----- key pinning ---------------------------------------------------------------------------------
-KEY_A = storage.Signer.generate().public_key_b64
-KEY_B = storage.Signer.generate().public_key_b64
-
-
-def test_first_use_pins_a_private_file_then_checks_it(tmp_path):
-    known = KnownServers(tmp_path / "cfg")
-    assert server_key("http://h:1", KEY_A, known) == (KEY_A, True)
-    assert known.path.read_text() == f"http://h:1 ed25519 {KEY_A}\n"
-    assert stat.S_IMODE(known.path.stat().st_mode) == 0o600
-    assert stat.S_IMODE(known.path.parent.stat().st_mode) == 0o700
-    assert server_key("http://h:1", KEY_A, known) == (KEY_A, False)
-    assert server_key("http://other:2", KEY_B, known) == (KEY_B, True)
-    assert known.get("http://h:1") == KEY_A and known.get("http://other:2") == KEY_B
-
-
-def test_pin_mismatch_says_which_line_to_remove_and_changes_nothing(tmp_path):
-    known = KnownServers(tmp_path)
-    known.add("http://h:1", KEY_A)
-    before = known.path.read_text()
-    with pytest.raises(sc.ResultVerificationError) as info:
-        server_key("http://h:1", KEY_B, known)
-    assert info.value.code == "pin_mismatch"
-    assert str(known.path) in str(info.value) and "delete the line" in str(info.value)
-    assert known.path.read_text() == before
-
-
-def test_explicit_key_wins_and_is_not_pinned(tmp_path):
-    known = KnownServers(tmp_path)
-    known.add("http://h:1", KEY_B)
-    assert server_key("http://h:1", KEY_A, known, explicit=KEY_A) == (KEY_A, False)
-    with pytest.raises(sc.ResultVerificationError, match="public_key="):
-        server_key("http://h:1", KEY_A, known, explicit=KEY_B)
-    assert known.get("http://h:1") == KEY_B
-
-
-def test_pin_file_ignores_comments_and_other_algorithms(tmp_path):
-    known = KnownServers(tmp_path)
-    known.path.write_text(f"# http://h:1 ed25519 {KEY_B}\nhttp://h:1 rsa xyz\n\nhttp://h:1 ed25519 {KEY_A}\n")
-    assert known.get("http://h:1") == KEY_A
-    assert known.get("http://nope:1") is None
-
-
-def test_config_dir_from_env(monkeypatch, tmp_path):
-    monkeypatch.setenv(CONFIG_ENV, str(tmp_path))
-    assert config_dir() == tmp_path and KnownServers().path == tmp_path / "known_servers"
-    monkeypatch.delenv(CONFIG_ENV)
-    assert config_dir() == Path.home() / ".config" / "interp-sandbox"
 
 
 # ----- HTTP errors -----------------------------------------------------------------------------------
@@ -236,7 +186,7 @@ def test_tampered_bytes_other_key_or_other_job_are_refused():
         verified_values("j1", tampered, result, SIGNER.public_key_b64)
     assert info.value.code == "sha256_mismatch"
     with pytest.raises(sc.ResultVerificationError) as info:
-        verified_values("j1", data, result, KEY_A)
+        verified_values("j1", data, result, OTHER_KEY)
     assert info.value.code == "bad_signature" and "known_servers" in str(info.value)
     with pytest.raises(sc.ResultVerificationError, match="not signed"):
         verified_values("j2", data, {**result}, SIGNER.public_key_b64)   # j1's result offered as j2's
@@ -439,7 +389,7 @@ def test_bad_key_and_pin_mismatch_at_connect(fake, tmp_path, monkeypatch):
     with pytest.raises(sc.AuthError) as info:
         sc.RemoteModel("tiny-llama", host=fake.url, api_key="isk_wrong_x", verbose=False)
     assert (info.value.code, info.value.status) == ("unauthorized", 401)
-    (tmp_path / "known_servers").write_text(f"{fake.url} ed25519 {KEY_A}\n")
+    (tmp_path / "known_servers").write_text(f"{fake.url} ed25519 {OTHER_KEY}\n")
     with pytest.raises(sc.ResultVerificationError, match="delete the line"):
         sc.RemoteModel("tiny-llama", host=fake.url, api_key=fake.key, verbose=False)
     monkeypatch.delenv("SANDBOX_HOST", raising=False)

@@ -8,88 +8,20 @@ path and compare within 1e-5 relative.
 from __future__ import annotations
 
 import dataclasses
-import os
-import threading
-import time
-from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
 import torch
 from conftest import build_tiny
-from serverproc import TINY_MODELS
 
 import sandbox_client as sc
 from sandbox_client.graph import Graph, Ref
 from sandbox_client.interpreter.rows import SharedValueError, Withheld, narrow_isolated
 from sandbox_server import cobatch
-from sandbox_server import worker as worker_module
-from sandbox_server.cobatch import ALONE_GRAD, ALONE_STOP, alone_reason, group_jobs, merge_graphs, run_together
-from sandbox_server.config import BatchingConfig, ConfigError, ServerConfig
-from sandbox_server.types import JobRecord, JobStatus
-from sandbox_server.worker import ModelWorker
-from storage import decode_results
+from sandbox_server.cobatch import ALONE_GRAD, ALONE_STOP, alone_reason, group_jobs, merge_graphs
 
-from .jobgraphs import PROMPT, Recorder, assert_same_values, job_graphs, run_locally, slow_graph
-
-WIDTH = 7
-
-
-def ids(seed: int, rows: int = 1, width: int = WIDTH) -> torch.Tensor:
-    return torch.randint(0, 50000, (rows, width), generator=torch.Generator().manual_seed(seed))
-
-
-def layers(lm: sc.LanguageModel) -> Any:
-    return lm.model.layers if hasattr(lm._module, "model") else lm.transformer.h
-
-
-def hidden(out: Any) -> Any:
-    return out[0] if isinstance(out, tuple) else out
-
-
-def trace(lm: sc.LanguageModel, body: Callable[[Any], None], *prompts: Any) -> Graph:
-    rec = Recorder(lm._module, lm.tokenizer)
-    with rec.trace() if len(prompts) > 1 else rec.trace(prompts[0]) as tracer:
-        if len(prompts) > 1:
-            for p in prompts:
-                with tracer.invoke(p):
-                    body(rec)
-        else:
-            body(rec)
-    return Graph.from_json(tracer.graph.to_json())
-
-
-def edit_and_read(lm: Any) -> None:
-    h = layers(lm)
-    h[1].output = h[1].output * 0.5
-    h[2].output.save()
-    lm.lm_head.output[:, -1].save()
-
-
-def close(got: Any, expected: Any, rtol: float) -> None:
-    if isinstance(expected, torch.Tensor):
-        assert isinstance(got, torch.Tensor) and got.shape == expected.shape
-        scale = expected.abs().max().clamp(min=1e-12)
-        assert float((got - expected).abs().max() / scale) <= rtol
-    elif isinstance(expected, (list, tuple)):
-        assert len(got) == len(expected)
-        for a, b in zip(got, expected, strict=True):
-            close(a, b, rtol)
-    elif isinstance(expected, dict):
-        assert set(got) == set(expected)
-        for k in expected:
-            close(got[k], expected[k], rtol)
-    else:
-        assert got == expected
-
-
-def same_as_alone(lm: sc.LanguageModel, graphs: list[Graph], bitwise: bool = True) -> cobatch.BatchRun:
-    run = run_together(lm, graphs)
-    for i, graph in enumerate(graphs):
-        if i in run.results:
-            alone = lm._run_graph(graph)
-            (assert_same_values if bitwise else lambda a, b: close(a, b, 1e-5))(run.results[i], alone)
-    return run
+from .cobatchgraphs import WIDTH, edit_and_read, hidden, ids, layers, same_as_alone, trace
+from .jobgraphs import Recorder
 
 
 @pytest.fixture(scope="module", params=["gpt2", "llama"])
@@ -291,182 +223,6 @@ def test_a_job_reading_a_shared_tensor_without_writing_stays_merged(lm: sc.Langu
     graphs = [trace(lm, edit_and_read, ids(1)), trace(lm, read, ids(2))]
     run = same_as_alone(lm, graphs)
     assert sorted(run.results) == [0, 1]
-
-
-# ----- the worker ---------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def gpt2(gpt2_tokenizer: Any) -> sc.LanguageModel:
-    return sc.LanguageModel(build_tiny("gpt2"), tokenizer=gpt2_tokenizer)
-
-
-@pytest.fixture(scope="module")
-def worker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ModelWorker]:
-    data_dir = tmp_path_factory.mktemp("cobatch-worker")
-    config = ServerConfig.from_dict({"server": {"data_dir": str(data_dir)}, "models": [TINY_MODELS["tiny-gpt2"]],
-                                     "jobs": {"timeout_s": 30.0}, "batching": {"batch_wait_ms": 0}})
-    w = ModelWorker(config, config.models[0])
-    w.load()
-    yield w
-
-
-@pytest.fixture
-def spy(worker: ModelWorker, monkeypatch: pytest.MonkeyPatch) -> dict[str, list[Any]]:
-    """Records the merged groups (job counts) and the jobs run alone."""
-    seen: dict[str, list[Any]] = {"merged": [], "alone": []}
-    real_together, real_job = worker_module.run_together, worker.run_job
-
-    def together(lm: sc.LanguageModel, graphs: list[Graph]) -> cobatch.BatchRun:
-        seen["merged"].append(len(graphs))
-        return real_together(lm, graphs)
-
-    def alone(job: JobRecord) -> str:
-        seen["alone"].append(job.id)
-        return real_job(job)
-    monkeypatch.setattr(worker_module, "run_together", together)
-    monkeypatch.setattr(worker, "run_job", alone)
-    return seen
-
-
-def submit(worker: ModelWorker, graph: str | Graph, key: str = "k1", kind: str = "trace") -> JobRecord:
-    text = graph.to_json() if isinstance(graph, Graph) else graph
-    job = JobRecord(id=f"j_{os.urandom(6).hex()}", key_id=key, model="tiny-gpt2", kind=kind,
-                    status=JobStatus.QUEUED, created=time.time())
-    worker.db.insert_job(job, text)
-    return job
-
-
-def ended(worker: ModelWorker, job: JobRecord) -> JobRecord:
-    done = worker.db.get_job(job.id)
-    assert done is not None
-    return done
-
-
-def fetched(worker: ModelWorker, job: JobRecord) -> dict[str, Any]:
-    done = ended(worker, job)
-    assert done.status == JobStatus.COMPLETED, done.error
-    assert done.result is not None
-    return decode_results(worker.store.get(done.result.key))
-
-
-def test_worker_merges_users_jobs_and_each_gets_its_own_result(worker: ModelWorker, gpt2: sc.LanguageModel,
-                                                              spy: dict[str, list[Any]]) -> None:
-    graphs = [trace(gpt2, edit_and_read, ids(20 + i)) for i in range(4)]
-    jobs = [submit(worker, g, key=f"user{i}") for i, g in enumerate(graphs)]
-    assert worker.run_queued() == 4
-    assert spy["merged"] == [4] and spy["alone"] == []
-    for job, graph in zip(jobs, graphs, strict=True):
-        assert_same_values(fetched(worker, job), run_locally(gpt2, graph.to_json()))
-
-
-def test_worker_every_kind_of_job_in_one_claim(worker: ModelWorker, gpt2: sc.LanguageModel,
-                                                spy: dict[str, list[Any]]) -> None:
-    """Gradient jobs run alone (and still match); the rest share batches where they fit."""
-    graphs = job_graphs(gpt2)
-    kinds = ["trace_edit", "gradient", "generate_steps", "skip", "apply", "trace_edit", "generate_steps"]
-    jobs = [submit(worker, graphs[k], key=f"u{i}", kind="generate" if k.startswith("gen") else "trace")
-            for i, k in enumerate(kinds)]
-    assert worker.run_queued() == len(kinds)
-    assert sorted(spy["merged"]) == [2, 4]              # 4 traces, 2 generations
-    assert spy["alone"] == [jobs[1].id]
-    for job, kind in zip(jobs, kinds, strict=True):
-        assert_same_values(fetched(worker, job), run_locally(gpt2, graphs[kind]))
-
-
-def test_a_failing_job_in_a_batch_of_8_leaves_the_others_correct(worker: ModelWorker, gpt2: sc.LanguageModel,
-                                                                   spy: dict[str, list[Any]]) -> None:
-    def bad(rec: Any) -> None:
-        (rec.transformer.h[0].output @ torch.ones(3, 3)).save()
-    graphs = [trace(gpt2, edit_and_read, ids(30 + i)) for i in range(8)]
-    graphs[3] = trace(gpt2, bad, ids(33))
-    jobs = [submit(worker, g, key=f"user{i}") for i, g in enumerate(graphs)]
-    assert worker.run_queued() == 8
-    assert spy["merged"] == [8] and spy["alone"] == [jobs[3].id]
-    failed = ended(worker, jobs[3])
-    assert failed.status == JobStatus.ERROR and failed.error is not None
-    assert failed.error["code"] == "intervention" and "torch.ones(3, 3)" in failed.error["source"]
-    for i, (job, graph) in enumerate(zip(jobs, graphs, strict=True)):
-        if i != 3:
-            assert_same_values(fetched(worker, job), run_locally(gpt2, graph.to_json()))
-
-
-def test_an_invalid_job_in_a_batch_ends_error_and_the_rest_merge(worker: ModelWorker, gpt2: sc.LanguageModel,
-                                                                  spy: dict[str, list[Any]]) -> None:
-    good = trace(gpt2, edit_and_read, ids(40)).to_json()
-    jobs = [submit(worker, good, key="a"), submit(worker, b"{not json", key="b"), submit(worker, good, key="c")]
-    assert worker.run_queued() == 3
-    assert spy["merged"] == [2] and spy["alone"] == [jobs[1].id]
-    broken = ended(worker, jobs[1])
-    assert broken.error is not None and broken.error["code"] == "format"
-    assert_same_values(fetched(worker, jobs[0]), fetched(worker, jobs[2]))
-
-
-def test_cancelling_one_job_of_a_batch_reruns_the_others(worker: ModelWorker, gpt2: sc.LanguageModel,
-                                                         spy: dict[str, list[Any]]) -> None:
-    slow = slow_graph(gpt2, max_new_tokens=12)
-    jobs = [submit(worker, slow, key=f"u{i}", kind="generate") for i in range(3)]
-    timer = threading.Timer(0.3, worker.db.request_cancel, args=(jobs[1].id,))
-    timer.start()
-    assert worker.run_queued() == 3
-    timer.join()
-    assert [ended(worker, j).status for j in jobs] == [JobStatus.COMPLETED, JobStatus.CANCELLED,
-                                                       JobStatus.COMPLETED]
-    assert spy["merged"] == [3, 2] and spy["alone"] == []
-    assert_same_values(fetched(worker, jobs[0]), run_locally(gpt2, slow))
-
-
-def test_a_merged_timeout_runs_each_job_alone_with_its_own_limit(worker: ModelWorker, gpt2: sc.LanguageModel,
-                                                                  spy: dict[str, list[Any]]) -> None:
-    """Who made the merged run slow cannot be told: each job gets its own full limit alone."""
-    saved = worker.config
-    worker.config = dataclasses.replace(saved, jobs=dataclasses.replace(saved.jobs, timeout_s=0.8))
-    rec = Recorder(gpt2._module, gpt2.tokenizer)
-    with rec.generate(PROMPT, max_new_tokens=30) as tracer:     # ~0.1 s alone; slow_graph's 30 steps: 1.5-3 s
-        tracer.result.save()
-    fast = tracer.graph.to_json()
-    try:
-        jobs = [submit(worker, slow_graph(gpt2, max_new_tokens=30), key="slow", kind="generate"),
-                submit(worker, fast, key="fast", kind="generate")]
-        assert worker.run_queued() == 2
-    finally:
-        worker.config = saved
-    assert spy["merged"] == [2] and spy["alone"] == [j.id for j in jobs]
-    slow = ended(worker, jobs[0])
-    assert slow.status == JobStatus.ERROR and slow.error is not None and slow.error["code"] == "timeout"
-    assert_same_values(fetched(worker, jobs[1]), run_locally(gpt2, fast))
-
-
-def test_max_batch_1_runs_one_job_at_a_time(worker: ModelWorker, gpt2: sc.LanguageModel,
-                                            spy: dict[str, list[Any]]) -> None:
-    saved = worker.config
-    worker.config = dataclasses.replace(saved, batching=BatchingConfig(max_batch=1))
-    try:
-        good = trace(gpt2, edit_and_read, ids(50)).to_json()
-        jobs = [submit(worker, good, key=f"one-at-a-time{i}") for i in range(3)]
-        assert worker.run_queued() == 3
-    finally:
-        worker.config = saved
-    assert spy["merged"] == [] and spy["alone"] == [j.id for j in jobs]
-    assert all(ended(worker, j).status == JobStatus.COMPLETED for j in jobs)
-
-
-def test_a_user_with_50_queued_jobs_does_not_delay_another(worker: ModelWorker, gpt2: sc.LanguageModel) -> None:
-    good = trace(gpt2, edit_and_read, ids(60)).to_json()
-    for _ in range(50):
-        submit(worker, good, key="flood")
-    late = submit(worker, good, key="late")
-    claimed = [j for _ in range(2) for j in worker.db.claim_batch("tiny-gpt2", worker.pid, 1)]
-    assert late.id in [j.id for j in claimed]
-    worker.run_batch(claimed)
-    assert worker.run_queued() == 49
-    assert ended(worker, late).status == JobStatus.COMPLETED
-
-
-def test_batching_config() -> None:
-    config = ServerConfig.from_dict({"batching": {"max_batch": 4, "max_batch_tokens": 100, "batch_wait_ms": 5}})
-    assert config.batching == BatchingConfig(max_batch=4, max_batch_tokens=100, batch_wait_ms=5)
-    assert ServerConfig.from_dict({}).batching == BatchingConfig(8, 4096, 2.0)
-    with pytest.raises(ConfigError, match="max_batch"):
-        ServerConfig.from_dict({"batching": {"max_batch": 0}})
 
 
 @pytest.mark.smollm2

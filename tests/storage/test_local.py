@@ -7,7 +7,6 @@ from __future__ import annotations
 import os
 import stat
 import threading
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -28,16 +27,6 @@ def root(tmp_path: Path) -> Path:
 @pytest.fixture
 def store(root: Path) -> LocalStore:
     return LocalStore(root)
-
-
-@pytest.fixture
-def open_umask() -> Iterator[None]:
-    """Run with umask 000, so any restrictive mode must come from the store itself."""
-    old = os.umask(0)
-    try:
-        yield
-    finally:
-        os.umask(old)
 
 
 def mode(path: Path) -> int:

@@ -7,11 +7,9 @@ from __future__ import annotations
 
 import base64
 import hashlib
-import os
 import re
 import stat
 import threading
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -32,15 +30,6 @@ def key_path(tmp_path: Path) -> Path:
 @pytest.fixture
 def signer(key_path: Path) -> Signer:
     return Signer.load_or_create(key_path)
-
-
-@pytest.fixture
-def open_umask() -> Iterator[None]:
-    old = os.umask(0)
-    try:
-        yield
-    finally:
-        os.umask(old)
 
 
 def pem_key(path: Path) -> Ed25519PrivateKey:

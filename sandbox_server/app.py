@@ -26,6 +26,7 @@ from .catalog import Catalog, model_status, model_view
 from .config import ServerConfig
 from .db import Database
 from .errors import ApiError, register_error_handlers
+from .jobends import JobEnds
 from .metrics import CONTENT_TYPE, metrics_registry, render
 from .stores import open_store
 from .types import KeyRecord
@@ -40,6 +41,7 @@ class Services:
     store: ResultStore
     catalog: Catalog
     registry: CollectorRegistry
+    ends: JobEnds
     _signer: Signer | None = None
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -59,7 +61,7 @@ def create_app(config: ServerConfig, *, catalog: Catalog | None = None, warm: bo
     db = Database(config.db_path)
     catalog = catalog or Catalog(config)
     app.extensions["sandbox"] = Services(config=config, db=db, store=open_store(config), catalog=catalog,
-                                         registry=metrics_registry(config, db))
+                                         registry=metrics_registry(config, db), ends=JobEnds(config.web_socket_dir))
     register_error_handlers(app)
     app.register_blueprint(api)
     if warm:
@@ -84,7 +86,7 @@ def get_job(job_id: str) -> Response:
     job = submission.owned_job(s.db, key, job_id)
     wait = _wait_seconds(s.config)
     if wait > 0:
-        job = submission.wait_for_job(s.db, job, wait)
+        job = submission.wait_for_job(s.db, job, wait, s.ends)
     return jsonify(submission.job_view(job, s.db, s.store, s.config))
 
 
@@ -102,7 +104,7 @@ def get_result(job_id: str) -> Response:
 @api.delete("/v1/jobs/<job_id>")
 def delete_job(job_id: str) -> Response:
     s, key = _services(), _key()
-    job = submission.cancel_job(s.db, submission.owned_job(s.db, key, job_id))
+    job = submission.cancel_job(s.db, submission.owned_job(s.db, key, job_id), s.config)
     return jsonify(submission.job_view(job, s.db, s.store, s.config))
 
 

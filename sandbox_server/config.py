@@ -134,6 +134,11 @@ class ServerConfig:
     def wake_socket(self, name: str) -> Path:
         return self.data_dir / "run" / f"{name}.sock"
 
+    @property
+    def web_socket_dir(self) -> Path:
+        """Where each web process listens for job-end announcements (``sandbox_server.jobends``)."""
+        return self.data_dir / "run" / "web"
+
     def model(self, name: str) -> ModelConfig | None:
         return next((m for m in self.models if m.name == name), None)
 

@@ -1,7 +1,7 @@
 """Jobs as the API sees them: submitting one, following it, cancelling it, fetching its result.
 
     job = submit(config, db, catalog, key, request_body)     # JobRecord (QUEUED), or ApiError 4xx/5xx
-    job = wait_for_job(db, job.id, wait_s=5.0)               # returns early once the job is terminal
+    job = wait_for_job(db, job, 5.0, ends)                  # returns early once the job is terminal
     job_view(job, db, store, config)                         # the Job dict of docs/api.md
 
 The order of checks in ``submit``: the request's envelope ({"model", "graph"}), the model (exists,
@@ -24,14 +24,12 @@ from .catalog import Catalog, ModelNotReady, model_status
 from .config import ServerConfig
 from .db import Database
 from .errors import ApiError
+from .jobends import JobEnds, announce
 from .modelinfo import ModelInfo
 from .types import JobRecord, JobStatus, KeyRecord
 from .wake import send_wake
 
 RETRY_UNAVAILABLE_S = 5
-_POLL_FAST_S = 0.002        # long-poll interval for the first 0.1 s: a tiny job ends within a few ms
-_POLL_SLOW_S = 0.005
-_FAST_PHASE_S = 0.1
 
 
 def submit(config: ServerConfig, db: Database, catalog: Catalog, key: KeyRecord, body: bytes) -> JobRecord:
@@ -95,17 +93,20 @@ def require_available(db: Database, catalog: Catalog, model: str) -> ModelInfo:
     return info
 
 
-def wait_for_job(db: Database, job: JobRecord, wait_s: float) -> JobRecord:
-    """``job`` as it is once terminal, or after ``wait_s`` seconds, whichever comes first."""
-    start = time.monotonic()
-    deadline = start + wait_s
-    while not job.terminal:
-        now = time.monotonic()
-        if now >= deadline:
-            break
-        time.sleep(min(_POLL_FAST_S if now - start < _FAST_PHASE_S else _POLL_SLOW_S, deadline - now))
-        job = db.get_job(job.id) or job
-    return job
+def wait_for_job(db: Database, job: JobRecord, wait_s: float, ends: JobEnds) -> JobRecord:
+    """``job`` as it is once terminal, or after ``wait_s`` seconds, whichever comes first: woken by the
+    job's end announcement (``jobends``), with a database read only every ``SAFETY_POLL_S`` meanwhile."""
+    current = job
+
+    def still_running() -> bool:
+        nonlocal current
+        current = db.get_job(job.id) or current
+        return not current.terminal
+
+    if not job.terminal:
+        ends.wait_for(job.id, wait_s, still_running)
+        current = db.get_job(job.id) or current
+    return current
 
 
 def owned_job(db: Database, key: KeyRecord, job_id: str) -> JobRecord:
@@ -116,11 +117,14 @@ def owned_job(db: Database, key: KeyRecord, job_id: str) -> JobRecord:
     return job
 
 
-def cancel_job(db: Database, job: JobRecord) -> JobRecord:
+def cancel_job(db: Database, job: JobRecord, config: ServerConfig) -> JobRecord:
     """QUEUED -> CANCELLED now; RUNNING -> cancel_requested (the worker stops it); 409 ``already_finished``."""
     if job.terminal:
         raise ApiError(409, "already_finished", f"job {job.id} already ended {job.status}; nothing to cancel")
-    return db.request_cancel(job.id) or job
+    job = db.request_cancel(job.id) or job
+    if job.terminal:
+        announce(config.web_socket_dir, [job.id])
+    return job
 
 
 def result_bytes(job: JobRecord, store: ResultStore) -> bytes:

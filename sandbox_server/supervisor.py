@@ -30,6 +30,7 @@ from storage import ResultStore, Signer
 
 from .config import ModelConfig, ServerConfig, dump_toml
 from .db import Database
+from .jobends import announce
 from .modelinfo import clear_model_info
 from .types import JobRecord
 
@@ -84,7 +85,7 @@ class Supervisor:
         """Signing key, jobs left RUNNING by a previous server, stale model info: before any child starts."""
         signer = Signer.load_or_create(self.config.signing_key_path)
         log(f"result signing key {signer.fingerprint} ({self.config.signing_key_path})")
-        stale = self.db.fail_running(None, _error(
+        stale = self._fail_running(None, _error(
             "server_restarted", "the server restarted while this job ran; submit it again"))
         if stale:
             log(f"{len(stale)} job(s) left running by the previous server ended ERROR server_restarted")
@@ -154,7 +155,7 @@ class Supervisor:
         assert child.proc is not None
         code = child.proc.returncode
         how = f"signal {-code}" if code < 0 else f"exit code {code}"
-        failed = self.db.fail_running(child.name, _error(
+        failed = self._fail_running(child.name, _error(
             "worker_died", f"the model worker process died ({how}) while running this job; the server restarted "
             "it; submit again"), pid=child.pid)
         clear_model_info(self.config.model_dir(child.name))
@@ -194,14 +195,20 @@ class Supervisor:
     def _kill_for_timeout(self, job: JobRecord) -> None:
         child = self.workers.get(job.model)
         if child is None or not child.alive() or child.pid != job.worker_pid:
-            self.db.fail_running(job.model, _error("worker_died", "the worker running this job is gone; "
+            self._fail_running(job.model, _error("worker_died", "the worker running this job is gone; "
                                                    "submit again"), pid=job.worker_pid)
             return
         timeout = self.config.jobs.timeout_s
-        self.db.fail_running(job.model, _error(
+        self._fail_running(job.model, _error(
             "timeout", f"the job ran past its limit of {timeout:g} s and did not stop, so the server restarted the "
             "model worker; shorten it: fewer or shorter prompts, a smaller max_new_tokens, or split it"), pid=child.pid)
         self._kill(child, f"job {job.id} past its time limit")
+
+    def _fail_running(self, model: str | None, error: dict[str, Any], pid: int | None = None) -> list[str]:
+        """End running jobs ERROR (``Database.fail_running``) and announce it to the web tier's long polls."""
+        failed = self.db.fail_running(model, error, pid=pid)
+        announce(self.config.web_socket_dir, failed)
+        return failed
 
     def _check_memory(self, child: Child) -> None:
         cap = self.config.jobs.worker_memory_mb
@@ -213,7 +220,7 @@ class Supervisor:
                 child.base_rss = rss
             return
         if rss > child.base_rss + cap * 2**20:
-            self.db.fail_running(child.name, _error(
+            self._fail_running(child.name, _error(
                 "memory_limit", f"the job used more than {cap} MiB of memory above the model, so the server "
                 "restarted the model worker; use fewer or shorter prompts or split the job"), pid=child.pid)
             self._kill(child, f"resident memory {rss >> 20} MiB over the cap")

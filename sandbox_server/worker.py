@@ -38,6 +38,7 @@ from validator import ModelSpec, validate
 from .cobatch import group_jobs, run_together
 from .config import ModelConfig, ServerConfig
 from .db import Database
+from .jobends import announce
 from .modelinfo import write_model_info
 from .runtime import JobAborted, JobFailure, JobGuard, cap_address_space, check_result_size, describe_error
 from .types import JobRecord, JobStatus, ResultInfo
@@ -214,8 +215,7 @@ class ModelWorker:
                 raise
             report = describe_error(exc, self.config.jobs.timeout_s, self.config.jobs.worker_memory_mb)
             status = JobStatus.CANCELLED if report["code"] == "cancelled" else JobStatus.ERROR
-        if not self.db.finish_job(job.id, status, error=report, result=result) and result is not None:
-            self.store.delete(result.key)
+        self._end(job.id, status, report, result)
         self._record_param_hash(job.id)
         return status
 
@@ -237,10 +237,16 @@ class ModelWorker:
             status = JobStatus.CANCELLED if error["code"] == "cancelled" else JobStatus.ERROR
         finally:
             self._check_model()
-        if not self.db.finish_job(job.id, status, error=error, result=result) and result is not None:
-            self.store.delete(result.key)   # the supervisor ended the job meanwhile: nobody will fetch this
+        self._end(job.id, status, error, result)
         self._record_param_hash(job.id)
         return status
+
+    def _end(self, job_id: str, status: str, error: dict[str, Any] | None, result: ResultInfo | None) -> None:
+        """Record the job's end and announce it to the web tier's long polls."""
+        if self.db.finish_job(job_id, status, error=error, result=result):
+            announce(self.config.web_socket_dir, [job_id])
+        elif result is not None:
+            self.store.delete(result.key)   # the supervisor ended the job meanwhile: nobody will fetch this
 
     def _execute(self, job: JobRecord, timeout: float) -> ResultInfo:
         checked = validate(self.db.job_request(job.id), self.spec, self.config.limits)

@@ -16,14 +16,14 @@ import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-
-import torch
-from torch import nn
-
-from validator import ModelSpec, ShapeTemplate
+from typing import TYPE_CHECKING, Any
 
 from .config import ModelConfig
+
+if TYPE_CHECKING:                 # the supervisor imports this module, and never loads torch
+    from torch import nn
+
+    from validator import ModelSpec, ShapeTemplate
 
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
                     "merges.txt", "added_tokens.json", "chat_template.jinja")
@@ -58,6 +58,10 @@ class ModelInfo:
 
 def write_model_info(folder: Path, cfg: ModelConfig, model: nn.Module, tokenizer: Any) -> None:
     """Publish ``model``'s spec, template, config and tokenizer into ``folder`` (replacing what was there)."""
+    import torch
+
+    from validator import ModelSpec, ShapeTemplate
+
     folder = Path(folder)
     (folder / "ready").unlink(missing_ok=True)
     folder.mkdir(parents=True, exist_ok=True)
@@ -79,6 +83,8 @@ def write_model_info(folder: Path, cfg: ModelConfig, model: nn.Module, tokenizer
 
 def read_model_info(folder: Path, name: str) -> ModelInfo | None:
     """The published info, or None while the worker has not finished loading."""
+    from validator import ModelSpec, ShapeTemplate
+
     folder = Path(folder)
     if not (folder / "ready").exists():
         return None

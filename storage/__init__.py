@@ -7,13 +7,14 @@
 
 ``types`` names the vocabulary (``ResultStore``, ``StorageError``), ``local``/``s3`` are the two
 stores, ``bundle`` is the safetensors result format, ``signing`` the Ed25519 signatures. The S3
-store (boto3) is imported on first use, so clients that only decode and verify never load boto3.
+store (boto3) and the bundle format (torch) load on first use: clients that only decode and verify
+never load boto3, and the server's supervisor, which only signs keys and sweeps, never loads torch.
 """
 from __future__ import annotations
 
+import importlib
 from typing import TYPE_CHECKING, Any
 
-from storage.bundle import BundleError, decode_results, encode_results
 from storage.local import LocalStore
 from storage.signing import (
     SignatureError,
@@ -26,7 +27,11 @@ from storage.signing import (
 from storage.types import ResultMissing, ResultStore, StorageError, check_key
 
 if TYPE_CHECKING:
+    from storage.bundle import BundleError, decode_results, encode_results
     from storage.s3 import S3Store
+
+_LAZY = {"BundleError": "storage.bundle", "decode_results": "storage.bundle", "encode_results": "storage.bundle",
+         "S3Store": "storage.s3"}
 
 __all__ = [
     "BundleError",
@@ -48,8 +53,8 @@ __all__ = [
 
 
 def __getattr__(name: str) -> Any:
-    if name == "S3Store":
-        from storage.s3 import S3Store
-
-        return S3Store
-    raise AttributeError(f"module 'storage' has no attribute {name!r}")
+    if name not in _LAZY:
+        raise AttributeError(f"module 'storage' has no attribute {name!r}")
+    module = importlib.import_module(_LAZY[name])
+    globals().update({n: getattr(module, n) for n, where in _LAZY.items() if where == _LAZY[name]})
+    return globals()[name]

@@ -3,13 +3,40 @@
     from validator import validate, ModelSpec, Limits, ValidationError
     spec = ModelSpec.from_module(hf_model, name="smollm2-135m")
     checked = validate(graph_json, spec, Limits())
-"""
-from .shapes import ShapeTemplate, dry_run, meta_copy
-from .spec import ModelSpec, ModuleSpec, TensorSpec
-from .types import Limits, ValidatedGraph, ValidationError
-from .validate import DryRun, validate
 
+Names load on first use, so a process that needs only ``Limits`` (the server's supervisor) never
+imports torch.
+"""
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .shapes import ShapeTemplate, dry_run, meta_copy
+    from .spec import ModelSpec, ModuleSpec, TensorSpec
+    from .types import Limits, ValidatedGraph, ValidationError
+    from .check import DryRun, validate
+
+_WHERE = {
+    "ShapeTemplate": ".shapes", "dry_run": ".shapes", "meta_copy": ".shapes",
+    "ModelSpec": ".spec", "ModuleSpec": ".spec", "TensorSpec": ".spec",
+    "Limits": ".types", "ValidatedGraph": ".types", "ValidationError": ".types",
+    "DryRun": ".check", "validate": ".check",
+}
 __all__ = [
     "DryRun", "Limits", "ModelSpec", "ModuleSpec", "ShapeTemplate", "TensorSpec", "ValidatedGraph",
     "ValidationError", "dry_run", "meta_copy", "validate",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _WHERE:
+        raise AttributeError(f"module 'validator' has no attribute {name!r}")
+    module = importlib.import_module(_WHERE[name], __name__)
+    globals().update({n: getattr(module, n) for n, where in _WHERE.items() if where == _WHERE[name]})
+    return globals()[name]
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_WHERE})

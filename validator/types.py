@@ -8,9 +8,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from sandbox_client.graph import Graph
+if TYPE_CHECKING:                 # Limits is read by processes that never load torch (the server's supervisor)
+    from sandbox_client.graph import Graph
 
 
 @dataclass(frozen=True)

@@ -107,6 +107,7 @@ class ServerConfig:
     web_workers: int = 2
     web_threads: int = 8
     max_request_mb: float = 16.0
+    shared_imports: bool = True       # fork workers and the web tier from one pre-loaded process (zygote.py)
     models: tuple[ModelConfig, ...] = ()
     store: StoreConfig = StoreConfig()
     jobs: JobsConfig = JobsConfig()

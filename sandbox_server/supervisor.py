@@ -33,6 +33,7 @@ from .db import Database
 from .jobends import announce
 from .modelinfo import clear_model_info
 from .types import JobRecord
+from .zygote import ForkedProcess, Zygote, ZygoteError
 
 TICK_S = 0.2
 STOP_WAIT_S = 10.0          # after SIGTERM, how long children may finish (at least a job's limit) before SIGKILL
@@ -47,8 +48,9 @@ class Child:
     """One supervised process and its restart bookkeeping."""
 
     name: str
-    command: list[str]
-    proc: subprocess.Popen[bytes] | None = None
+    command: list[str]                 # its own exec (without the zygote, or when a test stands in a command)
+    entry: tuple[str, list[str]]       # the zygote's entry point and arguments
+    proc: subprocess.Popen[bytes] | ForkedProcess | None = None
     started: float = 0.0
     restarts: int = 0
     backoff: float = 0.0
@@ -75,8 +77,9 @@ class Supervisor:
         self.config_path = _config_file(config)
         self.db = Database(config.db_path)
         self.env = {**os.environ, "SANDBOX_CONFIG": str(self.config_path), "HF_HUB_OFFLINE": "1"}
-        self.workers = {m.name: Child(m.name, _worker_command(self.config_path, m)) for m in config.models}
-        self.web = Child("web", _gunicorn_command(config))
+        self.workers = {m.name: Child(m.name, *_worker_command(self.config_path, m)) for m in config.models}
+        self.web = Child("web", *_gunicorn_command(config))
+        self.zygote: Zygote | None = None
         self._store: ResultStore | None = None
         self._next_sweep = time.monotonic() + config.jobs.sweep_interval_s
 
@@ -95,6 +98,8 @@ class Supervisor:
 
     def start(self) -> None:
         self.prepare()
+        if self.config.shared_imports:
+            self._start_zygote()
         for child in self.workers.values():
             self._spawn(child)
         self._spawn(self.web)
@@ -118,6 +123,9 @@ class Supervisor:
                 log(f"{child.name} (pid {child.pid}) did not stop in {wait:g} s: killed")
                 _signal(child, signal.SIGKILL)
                 child.proc.wait()
+        if self.zygote is not None:
+            self.zygote.close()
+            self.zygote = None
         for name in self.workers:
             self.db.set_worker(name, None, "down")
         log("server stopped")
@@ -153,7 +161,8 @@ class Supervisor:
 
     def _worker_died(self, child: Child) -> None:
         assert child.proc is not None
-        code = child.proc.returncode
+        code = child.proc.poll()
+        assert code is not None
         how = f"signal {-code}" if code < 0 else f"exit code {code}"
         failed = self._fail_running(child.name, _error(
             "worker_died", f"the model worker process died ({how}) while running this job; the server restarted "
@@ -260,9 +269,28 @@ class Supervisor:
         return self._store
 
     # ----- processes -------------------------------------------------------------------------
+    def _start_zygote(self) -> None:
+        started = time.monotonic()
+        try:
+            self.zygote = Zygote.start(self.env)
+        except ZygoteError as err:
+            log(f"no shared imports: {err}; each process starts on its own")
+            return
+        log(f"zygote (pid {self.zygote.proc.pid}) imported torch and the server in "
+            f"{time.monotonic() - started:.1f} s; workers and the web tier fork from it")
+
     def _spawn(self, child: Child) -> None:
         child.killed_for, child.base_rss = None, None
-        child.proc = subprocess.Popen(child.command, env=self.env, process_group=0, stdin=subprocess.DEVNULL)
+        child.proc = None
+        if self.zygote is not None:
+            try:
+                child.proc = self.zygote.spawn(*child.entry)
+            except ZygoteError as err:
+                log(f"zygote failed ({err}); processes now start on their own")
+                self.zygote.close()
+                self.zygote = None
+        if child.proc is None:
+            child.proc = subprocess.Popen(child.command, env=self.env, process_group=0, stdin=subprocess.DEVNULL)
         child.started = time.monotonic()
         if child is not self.web:
             self.db.set_worker(child.name, child.proc.pid, "loading", restarts=child.restarts)
@@ -306,21 +334,25 @@ def _config_file(config: ServerConfig) -> Path:
     return path
 
 
-def _worker_command(config_path: Path, model: ModelConfig) -> list[str]:
-    return [sys.executable, "-m", "sandbox_server.worker", "--config", str(config_path), "--model", model.name]
+def _worker_command(config_path: Path, model: ModelConfig) -> tuple[list[str], tuple[str, list[str]]]:
+    """The worker's own command line, and its zygote entry point."""
+    args = ["--config", str(config_path), "--model", model.name]
+    return [sys.executable, "-m", "sandbox_server.worker", *args], ("worker", args)
 
 
-def _gunicorn_command(config: ServerConfig) -> list[str]:
-    """gunicorn with infra/gunicorn.conf.py; without that file (an installed package), the same settings as flags."""
-    command = [sys.executable, "-m", "gunicorn"]
+def _gunicorn_command(config: ServerConfig) -> tuple[list[str], tuple[str, list[str]]]:
+    """gunicorn with infra/gunicorn.conf.py (without that file, an installed package: the same settings as
+    flags): its own command line, and its zygote entry point."""
+    args = []
     if GUNICORN_CONF.is_file():
-        command += ["-c", str(GUNICORN_CONF)]
+        args += ["-c", str(GUNICORN_CONF)]
     else:
-        command += ["--bind", f"{config.host}:{config.port}", "--workers", str(config.web_workers),
+        args += ["--bind", f"{config.host}:{config.port}", "--workers", str(config.web_workers),
                     "--worker-class", "gthread", "--threads", str(config.web_threads),
                     "--timeout", str(int(config.jobs.max_wait_s) + 30), "--access-logfile", "-",
                     "--no-control-socket"]
-    return [*command, "sandbox_server.wsgi:app"]
+    args.append("sandbox_server.wsgi:app")
+    return [sys.executable, "-m", "gunicorn", *args], ("web", args)
 
 
 def _signal(child: Child, sig: int) -> None:

@@ -13,10 +13,10 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from .check import DryRun, validate
     from .shapes import ShapeTemplate, dry_run, meta_copy
     from .spec import ModelSpec, ModuleSpec, TensorSpec
     from .types import Limits, ValidatedGraph, ValidationError
-    from .check import DryRun, validate
 
 _WHERE = {
     "ShapeTemplate": ".shapes", "dry_run": ".shapes", "meta_copy": ".shapes",

@@ -199,7 +199,7 @@ def test_serve_for_real_then_a_clean_stop(tmp_path: Path) -> None:
         worker = server.worker_pid("tiny-gpt2")
         assert worker is not None and read_model_info(server.data_dir / "models" / "tiny-gpt2", "tiny-gpt2")
         family = _children(server.process.pid)
-        gunicorn = next(p for p in family if p != worker)
+        gunicorn = next(p for p in family if b"gunicorn" in Path(f"/proc/{p}/cmdline").read_bytes())
         os.killpg(gunicorn, signal.SIGKILL)
         deadline = time.monotonic() + 60
         while True:

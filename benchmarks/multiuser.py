@@ -2,16 +2,21 @@
 experiment on SmolLM2-135M through one server; co-batching (max_batch = 16) against NDIF's mode
 (max_batch = 1) and against K local copies of the model, all measured in one run.
 
-    .venv/bin/python benchmarks/multiuser.py                          # K = 1 2 4 8 10 16, CPU
+    .venv/bin/python benchmarks/multiuser.py                          # K = 1 2 4 8 10 16, CPU (~6 minutes)
     .venv/bin/python benchmarks/multiuser.py --users 1 4 16 --jobs 4
-    .venv/bin/python benchmarks/multiuser.py --device cuda            # on a GPU machine (< 5 minutes)
+    .venv/bin/python benchmarks/multiuser.py --device cuda --jobs 6   # on a GPU machine (< 5 minutes)
 
 The experiment: a trace on a 16-token prompt saving 3 activations (two decoder layers' last-token
 states and the next-token logits). Each user process waits at a barrier, then runs ``--jobs``
-experiments back to back. Memory: peak memory of all server processes (supervisor, gunicorn, the model
-worker) against K x the peak RSS of one process that loads the model and runs the
-same experiment locally (what each researcher does today); with --device cuda also GPU memory. Server
-memory is the sum of PSS over its processes (shared library pages counted once), sampled every 50 ms.
+experiments back to back; throughput is experiments over the time from the barrier to the last
+answer. Both servers (co-batching and max_batch = 1) run side by side and each K is measured on one
+then at once on the other, so a busy spell of the machine hits both modes alike.
+
+Memory: the peak memory of all server processes (supervisor, gunicorn master and worker, model worker)
+with every physical page counted once (``benchmarks/procmem.py``: anonymous pages as PSS, file pages
+as distinct frames), against K x the peak RSS of one process that loads the model and runs the same
+experiment locally (what each researcher does today). With --device cuda also GPU memory: the model
+worker's against K x one local process's, both as nvidia-smi reports them (CUDA context included).
 """
 from __future__ import annotations
 
@@ -22,16 +27,17 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT / "benchmarks"))
 
 PROMPT = "In a quiet village by the sea, an old fisherman told the children a story"   # 16 tokens
 MODEL = "smollm2-135m"
+MODES = (16, 1)          # max_batch: co-batching, NDIF's one request at a time
 
 
 def experiment(lm: Any) -> None:
@@ -60,60 +66,27 @@ def user_main(host: str, key: str, jobs: int, go: str) -> None:
 
 
 # ----- measurements ------------------------------------------------------------------------------
-def tree_rss_mb(pid: int) -> float:
-    """Memory of ``pid`` and all its descendants (MiB): the sum of their PSS, so pages the processes share
-    (torch's libraries, mapped once) count once, as they occupy RAM once; RSS would count them per process."""
-    children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                ppid = int(Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-            children.setdefault(ppid, []).append(int(entry))
-    total, todo = 0.0, [pid]
-    while todo:
-        current = todo.pop()
-        todo.extend(children.get(current, []))
-        try:
-            for line in Path(f"/proc/{current}/smaps_rollup").read_text().splitlines():
-                if line.startswith("Pss:"):
-                    total += int(line.split()[1]) / 1024
-        except OSError:
-            pass
-    return total
+def gpu_mb(pids: list[int]) -> float:
+    """GPU memory nvidia-smi reports for ``pids`` (MiB, CUDA contexts included); 0 without nvidia-smi."""
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-compute-apps=pid,used_memory", "--format=csv,noheader,nounits"],
+                             capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return 0.0
+    used = {int(p): float(m) for p, m in (line.split(",") for line in out.strip().splitlines() if "," in line)}
+    return sum(used.get(pid, 0.0) for pid in pids)
 
 
-class PeakSampler:
-    def __init__(self, pid: int) -> None:
-        self.pid, self.peak, self._stop = pid, 0.0, threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            self.peak = max(self.peak, tree_rss_mb(self.pid))
-            time.sleep(0.05)
-
-    def __enter__(self) -> PeakSampler:
-        self.peak = tree_rss_mb(self.pid)
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self._stop.set()
-        self._thread.join()
-
-
-def local_copy_rss_mb(device: str) -> tuple[float, float]:
-    """RSS (and GPU MiB) of one researcher's process: load SmolLM2 locally, run the experiment."""
+def local_copy_mb(device: str) -> tuple[float, float]:
+    """Peak RSS (and GPU MiB) of one researcher's process: load SmolLM2 locally, run the experiment."""
     code = (
-        "import json, resource, torch, sandbox_client as sc\n"
+        "import json, os, resource, torch, sandbox_client as sc\n"
         "from sandbox_client.pretrained import smollm2_folder\n"
         "import benchmarks.multiuser as m\n"
         f"lm = sc.LanguageModel(smollm2_folder(), device_map={device!r}) if {device!r} != 'cpu' "
         "else sc.LanguageModel(smollm2_folder())\n"
         "m.experiment(lm)\n"
-        "gpu = torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else 0.0\n"
+        f"gpu = m.gpu_mb([os.getpid()]) if {device!r} != 'cpu' else 0.0\n"
         "print(json.dumps({'rss': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 'gpu': gpu}))\n")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True,
                          env={**os.environ, "PYTHONPATH": str(ROOT)})
@@ -121,30 +94,36 @@ def local_copy_rss_mb(device: str) -> tuple[float, float]:
     return float(data["rss"]), float(data["gpu"])
 
 
-def run_users(server: Any, users: int, jobs: int, tmp: Path) -> dict[str, float]:
+def run_users(server: Any, users: int, jobs: int, tmp: Path) -> dict[str, Any]:
+    """K user processes against ``server``; throughput, latencies and the server's peak memory."""
+    from procmem import TreeMemory, tree_pids
+
     go = tmp / f"go-{users}-{time.monotonic_ns()}"
     procs = [subprocess.Popen([sys.executable, __file__, "--user", server.url, server.create_key(f"user{i}"),
                                str(jobs), str(go)], stdout=subprocess.PIPE, text=True, cwd=ROOT)
              for i in range(users)]
     for proc in procs:
         assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
-    start = time.time()
-    go.write_text("go")
-    results = []
-    for proc in procs:
-        assert proc.stdout is not None
-        results.append(json.loads(proc.stdout.read().strip().splitlines()[-1]))
-        proc.wait()
+    with TreeMemory(server.process.pid) as memory:
+        start = time.time()
+        go.write_text("go")
+        results = []
+        for proc in procs:
+            assert proc.stdout is not None
+            results.append(json.loads(proc.stdout.read().strip().splitlines()[-1]))
+            proc.wait()
     wall = max(r["end"] for r in results) - start
     latencies = sorted(x * 1000 for r in results for x in r["latencies"])
     return {"throughput": len(latencies) / wall, "p50": statistics.median(latencies),
-            "p99": latencies[min(len(latencies) - 1, round(0.99 * (len(latencies) - 1)))]}
+            "p99": latencies[min(len(latencies) - 1, round(0.99 * (len(latencies) - 1)))],
+            "server_mb": memory.peak_mb, "file_mb": memory.file_mb, "exact": memory.exact,
+            "by_process": memory.by_process, "gpu_mb": gpu_mb(tree_pids(server.process.pid))}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description="K users on one shared SmolLM2-135M server")
     parser.add_argument("--users", type=int, nargs="+", default=[1, 2, 4, 8, 10, 16])
-    parser.add_argument("--jobs", type=int, default=6, help="experiments per user")
+    parser.add_argument("--jobs", type=int, default=10, help="experiments per user")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=2, help="torch threads of the model worker")
     args = parser.parse_args()
@@ -152,34 +131,50 @@ def main() -> None:
 
     tmp = Path(tempfile.mkdtemp(prefix="multiuser-"))
     os.environ["INTERP_SANDBOX_CONFIG_DIR"] = str(tmp / "pins")
-    local_rss, local_gpu = local_copy_rss_mb(args.device)
+    local_rss, local_gpu = local_copy_mb(args.device)
     model = {"name": MODEL, "source": "smollm2", "device": args.device, "threads": args.threads}
-    table: dict[tuple[int, int], dict[str, float]] = {}
-    for max_batch in (16, 1):
-        with start_server(tmp / f"server-{max_batch}", models=[model], batching={"max_batch": max_batch},
-                          server={"web_workers": 1, "web_threads": 32}) as server:
-            assert server.process is not None
-            for users in args.users:
-                with PeakSampler(server.process.pid) as peak:
-                    row = run_users(server, users, args.jobs, tmp)
-                row["server_rss"] = peak.peak
-                table[(max_batch, users)] = row
-                print(f"max_batch={max_batch:>2} K={users:>2}: {row}", file=sys.stderr, flush=True)
+    servers = {mode: start_server(tmp / f"server-{mode}", models=[model], batching={"max_batch": mode},
+                                  server={"web_workers": 1, "web_threads": 32}) for mode in MODES}
+    table: dict[tuple[int, int], dict[str, Any]] = {}
+    try:
+        for users in args.users:
+            for mode in MODES:
+                row = run_users(servers[mode], users, args.jobs, tmp)
+                table[(mode, users)] = row
+                shown = {k: round(v, 2) if isinstance(v, float) else v for k, v in row.items() if k != "by_process"}
+                print(f"max_batch={mode:>2} K={users:>2}: {shown}", file=sys.stderr, flush=True)
+    finally:
+        for server in servers.values():
+            server.stop()
+    report(args, table, local_rss, local_gpu)
 
+
+def report(args: Any, table: dict[tuple[int, int], dict[str, Any]], local_rss: float, local_gpu: float) -> None:
     gpu = f", {local_gpu:.0f} MiB GPU" if local_gpu else ""
     print(f"\nSmolLM2-135M on {args.device}, {args.jobs} experiments per user (trace, 16-token prompt, 3 saved "
           f"activations); one local copy: {local_rss:.0f} MiB RSS{gpu}")
-    print("\n| K | server peak PSS MiB | K local copies MiB | memory saved | co-batched exp/s | max_batch=1 exp/s "
+    print("\n| K | server peak MiB | K local copies MiB | memory saved | co-batched exp/s | max_batch=1 exp/s "
           "| speed-up | p50 / p99 ms co-batched | p50 / p99 ms max_batch=1 |")
     print("|---|---|---|---|---|---|---|---|---|")
     for users in args.users:
         co, solo = table[(16, users)], table[(1, users)]
         copies = users * local_rss
-        print(f"| {users} | {co['server_rss']:.0f} | {copies:.0f} | {1 - co['server_rss'] / copies:.0%} | "
+        print(f"| {users} | {co['server_mb']:.0f} | {copies:.0f} | {1 - co['server_mb'] / copies:.1%} | "
               f"{co['throughput']:.2f} | {solo['throughput']:.2f} | {co['throughput'] / solo['throughput']:.2f}x | "
               f"{co['p50']:.0f} / {co['p99']:.0f} | {solo['p50']:.0f} / {solo['p99']:.0f} |")
+    last = table[(16, args.users[-1])]
+    how = "distinct file pages + PSS of anonymous pages" if last["exact"] else "PSS only (not root: reads low)"
+    print(f"\nServer memory ({how}); at the peak of K = {args.users[-1]}, file-backed pages "
+          f"{last['file_mb']:.0f} MiB, anonymous per process:")
+    for name, mb in last["by_process"].items():
+        print(f"  {mb:7.0f} MiB  {name}")
+    if local_gpu:
+        print("\n| K | server GPU MiB | K local copies GPU MiB | GPU memory saved |\n|---|---|---|---|")
+        for users in args.users:
+            server_gpu, copies_gpu = table[(16, users)]["gpu_mb"], users * local_gpu
+            print(f"| {users} | {server_gpu:.0f} | {copies_gpu:.0f} | {1 - server_gpu / copies_gpu:.1%} |")
     if 10 in args.users:
-        saved = 1 - table[(16, 10)]["server_rss"] / (10 * local_rss)
+        saved = 1 - table[(16, 10)]["server_mb"] / (10 * local_rss)
         print(f"\nmemory goal at K = 10: >= 88% less than 10 local copies: {'PASS' if saved >= 0.88 else 'FAIL'} "
               f"({saved:.1%})")
     if 16 in args.users:

@@ -15,9 +15,11 @@ the results before anything is queued.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import threading
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,7 +29,7 @@ from torch import nn
 
 import sandbox_client as sc
 from sandbox_client.errors import SandboxError
-from validator import DryRun, ValidatedGraph, ValidationError, validate
+from validator import DryRun, ValidatedGraph, ValidationError, dry_check, dry_run_key, validate
 
 from .config import ServerConfig
 from .db import Database
@@ -36,6 +38,7 @@ from .modelinfo import ModelInfo, read_model_info
 log = logging.getLogger(__name__)
 
 Stamp = tuple[int, int, int]
+DRY_RUN_CACHE_SIZE = 4096          # per model and web process; an entry is a 64-character key and an int
 
 
 class ModelNotReady(Exception):
@@ -49,6 +52,7 @@ class _Runtime:
     meta_model: nn.Module
     lm: sc.LanguageModel              # over the meta model: used only to tokenize and batch invokes
     tokenizer_lock: threading.Lock    # Hugging Face fast tokenizers are not safe to share across threads
+    passed: DryRunCache               # dry runs that passed, by ``dry_run_key``
 
 
 @dataclass
@@ -85,7 +89,14 @@ class Catalog:
         runtime = self._runtime(name, entry)
         seq, rows = self._tokens(runtime, checked)
         dry = DryRun(template=entry.info.template, meta_model=runtime.meta_model, seq=seq, rows=rows)
-        return validate(checked.graph, entry.info.spec, limits, dry=dry)
+        key = dry_run_key(checked.graph, dry, limits)
+        result_bytes = runtime.passed.get(key)
+        if result_bytes is not None:       # the same nodes on the same shapes passed before: same outcome
+            return dataclasses.replace(checked, result_bytes=result_bytes)
+        checked = dry_check(checked, dry, limits)
+        assert checked.result_bytes is not None
+        runtime.passed.put(key, checked.result_bytes)
+        return checked
 
     def warm(self) -> None:
         """Build the meta models and tokenizers of every published model now (not on the first job)."""
@@ -144,7 +155,7 @@ class Catalog:
         except (OSError, ValueError, KeyError, TypeError) as err:
             raise ModelNotReady(f"model {name}: cannot build its meta copy from {info.folder} ({err})") from None
         return _Runtime(meta_model=meta_model, lm=sc.LanguageModel(meta_model, tokenizer=tokenizer),
-                        tokenizer_lock=threading.Lock())
+                        tokenizer_lock=threading.Lock(), passed=DryRunCache())
 
     def _tokens(self, runtime: _Runtime, checked: ValidatedGraph) -> tuple[int, list[slice | None]]:
         """The batch's sequence length and each invoke's rows, tokenized as the worker will."""
@@ -166,6 +177,34 @@ class Catalog:
             raise ValidationError("input_invalid", f"the inputs make {rows} rows, not {checked.rows}; pass one "
                                   "prompt or one row of ids per row")
         return seq, invoke_rows
+
+
+class DryRunCache:
+    """The result bytes of dry runs that passed, by ``validator.dry_run_key``, least recently used first out.
+
+    Researchers send the same experiment again and again with other prompts: the static rules run on every
+    request, the dry run (the costly part: the model's module events replayed on meta tensors) once per
+    graph shape and token count. Only passes are kept, so a refused graph is checked in full every time.
+    """
+
+    def __init__(self, size: int = DRY_RUN_CACHE_SIZE) -> None:
+        self.size = size
+        self._items: OrderedDict[str, int] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, key: str) -> int | None:
+        with self._lock:
+            value = self._items.get(key)
+            if value is not None:
+                self._items.move_to_end(key)
+            return value
+
+    def put(self, key: str, result_bytes: int) -> None:
+        with self._lock:
+            self._items[key] = result_bytes
+            self._items.move_to_end(key)
+            while len(self._items) > self.size:
+                self._items.popitem(last=False)
 
 
 def _ready_stamp(folder: Path) -> Stamp | None:

@@ -108,6 +108,7 @@ class ServerConfig:
     web_threads: int = 8
     max_request_mb: float = 16.0
     shared_imports: bool = True       # fork workers and the web tier from one pre-loaded process (zygote.py)
+    omp_wait_policy: str = "passive"  # OMP_WAIT_POLICY of every process; "" leaves the environment's
     models: tuple[ModelConfig, ...] = ()
     store: StoreConfig = StoreConfig()
     jobs: JobsConfig = JobsConfig()
@@ -168,6 +169,9 @@ class ServerConfig:
         models = tuple(_section(ModelConfig, m, f"[[models]] #{i}") for i, m in enumerate(data.get("models", [])))
         _check_models(models)
         store = _section(StoreConfig, data.get("store", {}), "[store]")
+        if server.get("omp_wait_policy", "passive") not in ("passive", "active", ""):
+            raise ConfigError(f"[server] omp_wait_policy = {server['omp_wait_policy']!r}: use \"passive\", "
+                              "\"active\" or \"\" (the environment's)")
         if store.kind not in ("local", "s3"):
             raise ConfigError(f"[store] kind = {store.kind!r}: use \"local\" or \"s3\"")
         if store.kind == "s3" and not store.bucket:

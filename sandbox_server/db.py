@@ -15,7 +15,7 @@ import json
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -35,6 +35,7 @@ CREATE TABLE IF NOT EXISTS jobs (
 );
 CREATE INDEX IF NOT EXISTS jobs_queue ON jobs (model, status, created);
 CREATE INDEX IF NOT EXISTS jobs_key ON jobs (key_id, created);
+CREATE INDEX IF NOT EXISTS jobs_served ON jobs (model, key_id, started);
 CREATE TABLE IF NOT EXISTS workers (
     model TEXT PRIMARY KEY, pid INTEGER, state TEXT NOT NULL, heartbeat REAL NOT NULL, started REAL NOT NULL,
     restarts INTEGER NOT NULL DEFAULT 0, current_job TEXT
@@ -159,9 +160,9 @@ class Database:
         per_key: dict[str, list[str]] = {}
         for job_id, key_id in rows:
             per_key.setdefault(key_id, []).append(job_id)
-        if len(per_key) > 1:
-            served = dict(con.execute("SELECT key_id, MAX(started) FROM jobs WHERE model = ? AND started IS NOT "
-                                      "NULL GROUP BY key_id", (model,)).fetchall())
+        if len(per_key) > 1:        # one index lookup per waiting key, however long the job history
+            served = {key: con.execute("SELECT MAX(started) FROM jobs WHERE model = ? AND key_id = ?",
+                                       (model, key)).fetchone()[0] for key in per_key}
             first = {k: i for i, k in enumerate(per_key)}
             per_key = dict(sorted(per_key.items(), key=lambda kv: (served.get(kv[0]) or 0.0, first[kv[0]])))
         order: list[str] = []
@@ -222,8 +223,17 @@ class Database:
         return self.get_job(job_id)
 
     def cancel_requested(self, job_id: str) -> bool:
-        row = self._con().execute("SELECT cancel_requested FROM jobs WHERE id = ?", (job_id,)).fetchone()
-        return bool(row and row[0])
+        return bool(self.cancels_requested([job_id]))
+
+    def cancels_requested(self, job_ids: Sequence[str]) -> list[str]:
+        """Which of ``job_ids`` their owners asked to cancel: one query for a whole co-batch."""
+        if not job_ids:
+            return []
+        marks = ", ".join("?" * len(job_ids))
+        rows = self._con().execute(f"SELECT id FROM jobs WHERE cancel_requested = 1 AND id IN ({marks})",
+                                   tuple(job_ids)).fetchall()
+        found = {row[0] for row in rows}
+        return [job_id for job_id in job_ids if job_id in found]
 
     def fail_running(self, model: str | None, error: dict[str, Any], pid: int | None = None) -> list[str]:
         """End every RUNNING job (of ``model``, of worker ``pid``) as ERROR: used when a worker dies."""

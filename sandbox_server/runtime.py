@@ -1,6 +1,6 @@
 """The run-time guard of one job: wall-clock limit, cancellation, memory cap, result size, error reports.
 
-    guard = JobGuard(db.cancel_requested)              # once per worker process (starts its watcher thread)
+    guard = JobGuard(db.cancels_requested)              # once per worker process (starts its watcher thread)
     cap_address_space(config.jobs.worker_memory_mb)    # after the model is loaded
     try:
         with guard.watch(job.id, timeout_s=60.0):
@@ -57,12 +57,13 @@ class JobFailure(Exception):
 class JobGuard:
     """Stops the running job at its deadline or on cancel, from inside the model's forward.
 
-    ``cancel_requested(job_id)`` is polled from a daemon thread every ``poll_s`` seconds while a job runs.
+    ``cancels_requested(job_ids)`` (which of them to cancel) is polled from a daemon thread every ``poll_s``
+    seconds while a job runs.
     The thread is started here, once, so that no thread has to be created after a memory cap is set.
     """
 
-    def __init__(self, cancel_requested: Callable[[str], bool], poll_s: float = POLL_S) -> None:
-        self._cancel_requested = cancel_requested
+    def __init__(self, cancels_requested: Callable[[Sequence[str]], list[str]], poll_s: float = POLL_S) -> None:
+        self._cancels_requested = cancels_requested
         self._poll_s = poll_s
         self._job: str | None = None
         self._jobs: tuple[str, ...] = ()
@@ -113,7 +114,7 @@ class JobGuard:
                 jobs = self._jobs
             time.sleep(self._poll_s)
             try:
-                cancelled = [job for job in jobs if self._cancel_requested(job)]
+                cancelled = self._cancels_requested(jobs)
             except Exception:  # a busy or briefly locked database: try again at the next poll
                 continue
             with self._wake:

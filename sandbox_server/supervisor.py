@@ -77,6 +77,8 @@ class Supervisor:
         self.config_path = _config_file(config)
         self.db = Database(config.db_path)
         self.env = {**os.environ, "SANDBOX_CONFIG": str(self.config_path), "HF_HUB_OFFLINE": "1"}
+        if config.omp_wait_policy:     # read once when torch loads its OpenMP runtime: set before any import
+            self.env["OMP_WAIT_POLICY"] = config.omp_wait_policy.upper()
         self.workers = {m.name: Child(m.name, *_worker_command(self.config_path, m)) for m in config.models}
         self.web = Child("web", *_gunicorn_command(config))
         self.zygote: Zygote | None = None
@@ -103,6 +105,9 @@ class Supervisor:
         for child in self.workers.values():
             self._spawn(child)
         self._spawn(self.web)
+        if self.zygote is not None:    # its originals of the pages every child has since written would be
+            self.zygote.close()        # held twice; restarted processes exec on their own
+            self.zygote = None
         log(f"serving on http://{self.config.host}:{self.config.port} "
             f"({len(self.workers)} model worker(s), data in {self.config.data_dir})")
 

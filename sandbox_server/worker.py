@@ -81,7 +81,7 @@ class ModelWorker:
         self.flags = model_flags(model)
         self.signer = Signer.load_or_create(self.config.signing_key_path)
         self.store = self._store or _open_store(self.config)
-        self.guard = JobGuard(self.db.cancel_requested)
+        self.guard = JobGuard(self.db.cancels_requested)
         if torch.device(self.cfg.device).type == "cpu":
             # an address-space cap would also count a GPU driver's reservations: there only the supervisor's
             # resident-memory check applies

@@ -13,7 +13,7 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from .check import DryRun, validate
+    from .check import DryRun, dry_check, dry_run_key, validate
     from .shapes import ShapeTemplate, dry_run, meta_copy
     from .spec import ModelSpec, ModuleSpec, TensorSpec
     from .types import Limits, ValidatedGraph, ValidationError
@@ -22,11 +22,11 @@ _WHERE = {
     "ShapeTemplate": ".shapes", "dry_run": ".shapes", "meta_copy": ".shapes",
     "ModelSpec": ".spec", "ModuleSpec": ".spec", "TensorSpec": ".spec",
     "Limits": ".types", "ValidatedGraph": ".types", "ValidationError": ".types",
-    "DryRun": ".check", "validate": ".check",
+    "DryRun": ".check", "validate": ".check", "dry_check": ".check", "dry_run_key": ".check",
 }
 __all__ = [
     "DryRun", "Limits", "ModelSpec", "ModuleSpec", "ShapeTemplate", "TensorSpec", "ValidatedGraph",
-    "ValidationError", "dry_run", "meta_copy", "validate",
+    "ValidationError", "dry_check", "dry_run", "dry_run_key", "meta_copy", "validate",
 ]
 
 

@@ -9,6 +9,8 @@ the inputs, then time order. The first failure raises ValidationError.
 """
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import re
 from dataclasses import dataclass
 from typing import Any
@@ -17,7 +19,7 @@ import torch
 from torch import nn
 
 from sandbox_client.errors import ModulePathError, OrderError, TraceError
-from sandbox_client.graph import Graph, GraphFormatError, Ref
+from sandbox_client.graph import Graph, GraphFormatError, Invoke, Ref
 from sandbox_client.order import check_order, check_skips
 
 from .allowlist import GENERATE_OPTIONS
@@ -73,11 +75,28 @@ def validate(graph: Graph | str | bytes, spec: ModelSpec, limits: Limits | None 
         raise ValidationError("too_many_saves", f"{saves} saved values (limit {limits.max_saves})")
     rows = check_inputs(parsed, spec, limits)
     check_time_order(parsed, spec)
-    result_bytes = None
-    if dry is not None:
-        result_bytes = _dry_run_bytes(parsed, dry, rows, limits)
-    return ValidatedGraph(graph=parsed, literal_tensor_bytes=stats.tensor_bytes, saves=saves, rows=rows,
-                          result_bytes=result_bytes)
+    checked = ValidatedGraph(graph=parsed, literal_tensor_bytes=stats.tensor_bytes, saves=saves, rows=rows)
+    return dry_check(checked, dry, limits) if dry is not None else checked
+
+
+def dry_check(checked: ValidatedGraph, dry: DryRun, limits: Limits | None = None) -> ValidatedGraph:
+    """The dry-run part of ``validate`` for a graph that passed the static rules: ``checked`` with its exact
+    ``result_bytes``, or ValidationError (shape errors, results or activations over the limits)."""
+    total = _dry_run_bytes(checked.graph, dry, checked.rows, limits or Limits())
+    return dataclasses.replace(checked, result_bytes=total)
+
+
+def dry_run_key(graph: Graph, dry: DryRun, limits: Limits | None = None) -> str:
+    """A digest of everything a dry run of ``graph`` reads, for one model's template and meta copy: the
+    nodes, options and kind, each invoke's keyword arguments, the token count and rows, and the limits.
+    The invokes' positional inputs (prompts, token ids) are left out: they reach the dry run only through
+    ``dry.seq`` and ``dry.rows``. Two graphs with the same key pass or fail ``dry_check`` identically."""
+    shape_only = Graph(kind=graph.kind, invokes=[Invoke(kwargs=inv.kwargs) for inv in graph.invokes],
+                       nodes=graph.nodes, options=graph.options, version=graph.version)
+    rows = [None if r is None else (r.start, r.stop, r.step) for r in (dry.rows or [])]
+    digest = hashlib.sha256(shape_only.to_json().encode())
+    digest.update(repr((dry.seq, dry.rows is None, rows, limits or Limits())).encode())
+    return digest.hexdigest()
 
 
 def _dry_run_bytes(graph: Graph, dry: DryRun, rows: int, limits: Limits) -> int:

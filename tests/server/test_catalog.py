@@ -149,3 +149,69 @@ def test_empty_or_inconsistent_inputs_are_input_invalid(catalog: Catalog, logits
     with pytest.raises(ValidationError) as err:
         catalog.validate_job("tiny-gpt2", text)
     assert err.value.code == "input_invalid"
+
+
+# ----- the dry-run cache -------------------------------------------------------------------------
+def _count_dry_runs(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    import sandbox_server.catalog as catalog_module
+
+    calls: list[int] = []
+    real = catalog_module.dry_check
+
+    def counting(*args: Any, **kwargs: Any) -> Any:
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(catalog_module, "dry_check", counting)
+    return calls
+
+
+def _last_token_graph(lm: sc.LanguageModel, ids: torch.Tensor, position: int = -1) -> str:
+    with lm.trace(ids) as tracer:
+        lm.transformer.h[1].output[:, position].save()
+        lm.lm_head.output[:, -1].save()
+    return tracer.graph.to_json()
+
+
+def test_the_same_experiment_on_other_prompts_is_dry_run_once(catalog: Catalog, local_lm: sc.LanguageModel,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = _count_dry_runs(monkeypatch)
+    sizes = [catalog.validate_job("tiny-gpt2", _last_token_graph(local_lm, IDS + k)).result_bytes for k in range(3)]
+    assert len(calls) == 1 and sizes == [64 * 4 + 50257 * 4] * 3
+    catalog.validate_job("tiny-gpt2", _last_token_graph(local_lm, IDS[:, :4]))      # another token count
+    catalog.validate_job("tiny-gpt2", _last_token_graph(local_lm, IDS, position=0))  # another graph
+    assert len(calls) == 3
+
+
+def test_a_cached_pass_never_covers_shapes_it_was_not_checked_on(catalog: Catalog,
+                                                                 local_lm: sc.LanguageModel) -> None:
+    fine = _last_token_graph(local_lm, IDS, position=5)                              # 6 tokens: fine
+    catalog.validate_job("tiny-gpt2", fine)
+    short = Graph.from_json(fine)
+    short.invokes = [Invoke(args=(IDS[:, :4],))]                                     # 4 tokens: out of range
+    with pytest.raises(ValidationError) as err:
+        catalog.validate_job("tiny-gpt2", short.to_json())
+    assert err.value.code == "shape"
+
+
+def test_refused_graphs_are_checked_in_full_every_time(catalog: Catalog, gpt2_tokenizer: Any,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = _count_dry_runs(monkeypatch)
+    wide = sc.LanguageModel(build_tiny("gpt2", width=128), tokenizer=gpt2_tokenizer)
+    with wide.trace(IDS) as tracer:
+        wide.transformer.h[0].output.reshape(6, 128).save()
+    for _ in range(2):
+        with pytest.raises(ValidationError):
+            catalog.validate_job("tiny-gpt2", tracer.graph.to_json())
+    assert len(calls) == 2
+
+
+def test_the_cache_keeps_the_most_recently_used() -> None:
+    from sandbox_server.catalog import DryRunCache
+
+    cache = DryRunCache(size=2)
+    cache.put("a", 1)
+    cache.put("b", 2)
+    assert cache.get("a") == 1
+    cache.put("c", 3)
+    assert (cache.get("a"), cache.get("b"), cache.get("c")) == (1, None, 3)

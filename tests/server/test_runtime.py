@@ -6,6 +6,7 @@ import sys
 import textwrap
 import threading
 import time
+from collections.abc import Sequence
 from typing import Any
 
 import pytest
@@ -44,8 +45,8 @@ class Slow(nn.Module):
         return x
 
 
-def never(job_id: str) -> bool:
-    return False
+def never(job_ids: Sequence[str]) -> list[str]:
+    return []
 
 
 def no_global_hooks() -> bool:
@@ -65,7 +66,7 @@ def test_deadline_stops_the_forward_at_the_next_module_call() -> None:
 
 def test_cancel_is_seen_within_a_few_polls() -> None:
     flag = threading.Event()
-    guard = JobGuard(lambda job_id: job_id == "j2" and flag.is_set(), poll_s=0.02)
+    guard = JobGuard(lambda job_ids: [j for j in job_ids if j == "j2" and flag.is_set()], poll_s=0.02)
     threading.Timer(0.1, flag.set).start()
     start = time.monotonic()
     with pytest.raises(JobAborted) as info, guard.watch("j2", timeout_s=30):
@@ -81,11 +82,11 @@ def test_cancel_is_seen_within_a_few_polls() -> None:
 def test_a_database_error_while_polling_is_retried() -> None:
     calls: list[str] = []
 
-    def flaky(job_id: str) -> bool:
-        calls.append(job_id)
+    def flaky(job_ids: Sequence[str]) -> list[str]:
+        calls.extend(job_ids)
         if len(calls) < 3:
             raise RuntimeError("database is locked")
-        return True
+        return list(job_ids)
 
     guard = JobGuard(flaky, poll_s=0.01)
     with pytest.raises(JobAborted, match="cancelled"), guard.watch("j", timeout_s=30):

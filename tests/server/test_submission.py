@@ -243,6 +243,8 @@ def test_cancel_running_job_sets_the_flag(app: Flask, client: FlaskClient, key: 
     job = client.delete(f"/v1/jobs/{job_id}", headers=key.headers).get_json()
     assert (job["status"], job["cancel_requested"]) == ("RUNNING", True)
     assert db.cancel_requested(job_id)
+    other = submit(client, key, logits_graph).get_json()["id"]
+    assert db.cancels_requested([other, job_id, "job_unknown"]) == [job_id]   # one query for a co-batch
 
 
 def test_wait_returns_early_when_the_job_ends(app: Flask, client: FlaskClient, key: Key,
@@ -255,6 +257,26 @@ def test_wait_returns_early_when_the_job_ends(app: Flask, client: FlaskClient, k
     elapsed = time.monotonic() - start
     timer.join()
     assert job["status"] == "COMPLETED" and 0.15 <= elapsed < 1.5, elapsed
+
+
+def test_an_announced_end_answers_the_wait_at_once(app: Flask, client: FlaskClient, key: Key,
+                                                   logits_graph: str) -> None:
+    from sandbox_server.jobends import SAFETY_POLL_S, announce
+
+    job_id = submit(client, key, logits_graph).get_json()["id"]
+    ended: list[float] = []
+
+    def end_and_announce() -> None:
+        finish_with_result(app, job_id, {"1": torch.ones(3)})
+        ended.append(time.monotonic())
+        announce(services(app).config.web_socket_dir, [job_id])   # what the worker does after finish_job
+
+    timer = threading.Timer(0.7, end_and_announce)   # between two of the waiter's database reads
+    timer.start()
+    job = client.get(f"/v1/jobs/{job_id}?wait=10", headers=key.headers).get_json()
+    answered = time.monotonic()
+    timer.join()
+    assert job["status"] == "COMPLETED" and answered - ended[0] < SAFETY_POLL_S / 2
 
 
 def test_wait_times_out_on_a_queued_job(client: FlaskClient, key: Key, logits_graph: str) -> None:

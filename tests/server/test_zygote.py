@@ -91,6 +91,17 @@ def test_a_dead_zygote_is_reported_at_once(tmp_path: Path) -> None:
         z.close()
 
 
+def _children(pid: int) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and int(_status(int(entry.name))["PPid"]) == pid:
+                found.append(int(entry.name))
+        except (OSError, KeyError, ValueError):
+            continue
+    return found
+
+
 def _pss_rss_mb(pid: int) -> tuple[float, float]:
     rows = {line.split(":")[0]: int(line.split()[1]) / 1024
             for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines()[1:]}
@@ -98,18 +109,23 @@ def _pss_rss_mb(pid: int) -> tuple[float, float]:
 
 
 @pytest.mark.slow
-def test_a_served_model_shares_the_zygotes_pages_and_restarts_from_it(tmp_path: Path) -> None:
+def test_a_served_model_shares_pages_with_the_web_tier_and_restarts_on_its_own(tmp_path: Path) -> None:
     with start_server(tmp_path) as server:
         worker = server.worker_pid("tiny-gpt2")
         assert worker is not None and int(_status(worker)["PPid"]) == server.process.pid
+        assert "interp-sandbox worker" in Path(f"/proc/{worker}/cmdline").read_text()
         pss, rss = _pss_rss_mb(worker)
         assert rss - pss > 100               # torch's and transformers' pages, counted once across processes
+        titles = [Path(f"/proc/{p}/cmdline").read_text() for p in _children(server.process.pid)]
+        assert not any("zygote" in t for t in titles), titles
         os.kill(worker, signal.SIGKILL)
         deadline = time.monotonic() + 60
         while server.worker_pid("tiny-gpt2") in (None, worker):
             assert time.monotonic() < deadline, server.log_tail()
             time.sleep(0.1)
         server.wait_ready()
+        again = server.worker_pid("tiny-gpt2")
+        assert again is not None and "sandbox_server.worker" in Path(f"/proc/{again}/cmdline").read_text()
         assert "fork from it" in server.log_path.read_text()
 
 
@@ -120,3 +136,4 @@ def test_without_shared_imports_every_process_starts_on_its_own(tmp_path: Path) 
         worker = server.worker_pid("tiny-gpt2")
         assert worker is not None and "sandbox_server.worker" in Path(f"/proc/{worker}/cmdline").read_text()
         assert "zygote" not in server.log_path.read_text()
+        assert b"OMP_WAIT_POLICY=PASSIVE" in Path(f"/proc/{worker}/environ").read_bytes().split(b"\0")

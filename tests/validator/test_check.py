@@ -301,3 +301,24 @@ def test_a_used_method_lookup_is_still_refused(setup: Setup) -> None:
     with pytest.raises(ValidationError) as err:
         validate(json.dumps(doc), setup.spec)
     assert err.value.code == "attribute_not_allowed"
+
+
+# ----- dry_check and dry_run_key -----------------------------------------------------------------
+def _keyed(graph: Graph, seq: int = 6, rows: list[slice | None] | None = None) -> str:
+    from validator import DryRun, dry_run_key
+
+    return dry_run_key(graph, DryRun(template=None, meta_model=None, seq=seq, rows=rows))  # type: ignore[arg-type]
+
+
+def test_dry_run_key_ignores_the_prompts_and_nothing_else(setup: Setup) -> None:
+    def graph(prompt: str, layer: int = 0, **options: Any) -> Graph:
+        with setup.lm.trace(prompt, **options) as tracer:
+            setup.blocks()[layer].output[:, -1].save()
+        return tracer.graph
+
+    base = _keyed(graph("The Eiffel Tower"))
+    assert _keyed(graph("A different prompt")) == base
+    assert _keyed(graph("The Eiffel Tower", layer=1)) != base
+    assert _keyed(graph("The Eiffel Tower"), seq=7) != base
+    assert _keyed(graph("The Eiffel Tower"), rows=[slice(0, 1)]) != base
+    assert _keyed(graph("The Eiffel Tower", output_hidden_states=True)) != base   # invoke keywords count

@@ -40,7 +40,15 @@ from .config import ModelConfig, ServerConfig
 from .db import Database
 from .jobends import announce
 from .modelinfo import write_model_info
-from .runtime import JobAborted, JobFailure, JobGuard, cap_address_space, check_result_size, describe_error
+from .runtime import (
+    JobAborted,
+    JobFailure,
+    JobGuard,
+    cap_address_space,
+    check_result_size,
+    describe_error,
+    release_free_memory,
+)
 from .types import JobRecord, JobStatus, ResultInfo
 from .wake import bind_wake_socket, wait_for_wake
 
@@ -87,6 +95,7 @@ class ModelWorker:
             # resident-memory check applies
             self.memory_limit = cap_address_space(self.config.jobs.worker_memory_mb)
         self._record_param_hash("load")
+        release_free_memory()
         self.db.set_worker(self.cfg.name, self.pid, "ready")
         cap = f", jobs capped at {self.config.jobs.worker_memory_mb} MiB" if self.memory_limit else ""
         log(f"worker {self.cfg.name} (pid {self.pid}) ready in {time.monotonic() - started:.2f} s{cap}")

@@ -7,6 +7,7 @@ import textwrap
 import threading
 import time
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -210,3 +211,27 @@ def test_memory_cap_makes_big_allocations_fail_and_the_process_live_on() -> None
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.split("\n")[:4] == ["RuntimeError True", "MemoryError True", "MemoryError True", "1048576"]
+
+
+def test_release_free_memory_returns_freed_heap_pages() -> None:
+    import ctypes
+
+    from sandbox_server.runtime import release_free_memory
+
+    libc = ctypes.CDLL("libc.so.6")
+    libc.malloc.restype = ctypes.c_void_p
+    blocks = [libc.malloc(64 * 1024) for _ in range(800)]       # 50 MB of heap in blocks malloc keeps
+    pin = libc.malloc(64 * 1024)                                # above them: free() alone cannot shrink the heap
+    for block in blocks:
+        ctypes.memset(block, 1, 64 * 1024)
+    for block in blocks:
+        libc.free(ctypes.c_void_p(block))
+    before = _rss_mb()
+    assert release_free_memory()
+    assert _rss_mb() < before - 30
+    libc.free(ctypes.c_void_p(pin))
+
+
+def _rss_mb() -> float:
+    fields = Path("/proc/self/status").read_text().split("VmRSS:")[1].split()
+    return int(fields[0]) / 1024

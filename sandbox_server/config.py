@@ -85,10 +85,13 @@ class BatchingConfig:
     max_batch: int = 8                # most jobs claimed and merged at once
     max_batch_tokens: int = 4096      # most rows x padded width in one merged batch (a lone job may exceed it)
     batch_wait_ms: float = 2.0        # after a wake, how long to wait for more jobs when fewer than max_batch
+    return_wait_ms: float = 100.0     # how long to wait for the users whose jobs just ended to send their next
+                                      # (at most a quarter of the last run's time); 0 = never
 
     def __post_init__(self) -> None:
-        if self.max_batch < 1 or self.max_batch_tokens < 1 or self.batch_wait_ms < 0:
-            raise ConfigError("[batching] max_batch and max_batch_tokens must be >= 1, batch_wait_ms >= 0")
+        if self.max_batch < 1 or self.max_batch_tokens < 1 or self.batch_wait_ms < 0 or self.return_wait_ms < 0:
+            raise ConfigError("[batching] max_batch and max_batch_tokens must be >= 1, batch_wait_ms and "
+                              "return_wait_ms >= 0")
 
 
 @dataclass(frozen=True)

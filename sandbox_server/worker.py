@@ -23,6 +23,7 @@ import hashlib
 import os
 import secrets
 import signal
+import socket
 import sys
 import time
 from typing import Any
@@ -53,6 +54,7 @@ from .types import JobRecord, JobStatus, ResultInfo
 from .wake import bind_wake_socket, wait_for_wake
 
 WAIT_S = 0.2             # longest sleep between claims when no datagram arrives
+RETURN_WAIT_SHARE = 0.25  # waiting for returning users: at most this share of the last run's time
 HEARTBEAT_S = 1.0
 PARAM_HASH_ENV = "SANDBOX_TEST_PARAM_HASH"
 
@@ -70,6 +72,9 @@ class ModelWorker:
         self.pid = os.getpid()
         self.memory_limit: int | None = None
         self._last_beat = 0.0
+        self._wake: socket.socket | None = None       # the wake socket while ``serve`` runs
+        self._returning: set[str] = set()              # keys whose jobs the last run ended
+        self._last_run_s = 0.0
 
     # ----- start-up --------------------------------------------------------------------------
     def load(self) -> None:
@@ -103,13 +108,14 @@ class ModelWorker:
     # ----- the loop --------------------------------------------------------------------------
     def serve(self) -> None:
         """Claim and run jobs until ``stopping``; sleeps on the wake socket between claims."""
-        sock = bind_wake_socket(self.config.wake_socket(self.cfg.name))
+        sock = self._wake = bind_wake_socket(self.config.wake_socket(self.cfg.name))
         try:
             while not self.stopping:
                 self.run_queued()
                 self._heartbeat(None)
                 wait_for_wake(sock, WAIT_S)
         finally:
+            self._wake = None
             sock.close()
             self.config.wake_socket(self.cfg.name).unlink(missing_ok=True)
             self.db.set_worker(self.cfg.name, self.pid, "down")
@@ -121,25 +127,51 @@ class ModelWorker:
             jobs = self.claim()
             if not jobs:
                 break
+            started = time.monotonic()
             if len(jobs) == 1:
                 self.run_job(jobs[0])
             else:
                 self.run_batch(jobs)
+            self._returning, self._last_run_s = {job.key_id for job in jobs}, time.monotonic() - started
             count += len(jobs)
         return count
 
     def claim(self) -> list[JobRecord]:
-        """The next jobs in fair order: one, or up to ``[batching] max_batch`` after waiting ``batch_wait_ms``
-        for more to arrive when fewer are queued."""
+        """The next jobs in fair order: one, or up to ``[batching] max_batch``.
+
+        When fewer are queued, wait ``batch_wait_ms`` for more, and longer while users whose jobs the last
+        run ended have not sent their next one: up to ``return_wait_ms`` and a quarter of that run's time.
+        Users who send a job, wait for its result and send the next would otherwise split into two groups
+        that alternate, each in half-full batches; waiting briefly for the returning group keeps them in one.
+        """
         batching = self.config.batching
         if batching.max_batch <= 1:
             job = self.db.claim_next(self.cfg.name, self.pid)
             return [job] if job is not None else []
         jobs = self.db.claim_batch(self.cfg.name, self.pid, batching.max_batch)
-        if jobs and len(jobs) < batching.max_batch and batching.batch_wait_ms > 0:
-            time.sleep(batching.batch_wait_ms / 1000.0)
-            jobs += self.db.claim_batch(self.cfg.name, self.pid, batching.max_batch - len(jobs))
+        if not jobs:
+            return jobs
+        start, base_s = time.monotonic(), batching.batch_wait_ms / 1000.0
+        returning = self._returning - {job.key_id for job in jobs}
+        limit_s = max(base_s, min(batching.return_wait_ms / 1000.0, RETURN_WAIT_SHARE * self._last_run_s)) \
+            if returning else base_s
+        while len(jobs) < batching.max_batch:
+            waited = time.monotonic() - start
+            if waited >= limit_s or (waited >= base_s and not returning):
+                break
+            self._sleep_for_jobs((limit_s if returning else base_s) - waited)
+            more = self.db.claim_batch(self.cfg.name, self.pid, batching.max_batch - len(jobs))
+            jobs += more
+            returning -= {job.key_id for job in more}
         return jobs
+
+    def _sleep_for_jobs(self, seconds: float) -> None:
+        """Until a job is queued (the web tier's datagram) or ``seconds`` pass; without the wake socket (outside
+        ``serve``) at most 5 ms, so the caller polls the queue."""
+        if self._wake is not None:
+            wait_for_wake(self._wake, max(seconds, 0.0))
+        else:
+            time.sleep(min(max(seconds, 0.0), 0.005))
 
     # ----- several jobs: co-batching ---------------------------------------------------------
     def run_batch(self, jobs: list[JobRecord]) -> dict[str, str]:

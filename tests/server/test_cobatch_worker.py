@@ -202,3 +202,38 @@ def test_batching_config() -> None:
     assert ServerConfig.from_dict({}).batching == BatchingConfig(8, 4096, 2.0)
     with pytest.raises(ConfigError, match="max_batch"):
         ServerConfig.from_dict({"batching": {"max_batch": 0}})
+
+
+# ----- waiting for returning users ----------------------------------------------------------------
+def _returning_worker(worker: ModelWorker, return_wait_ms: float, last_run_s: float,
+                      returning: set[str]) -> ModelWorker:
+    batching = dataclasses.replace(worker.config.batching, max_batch=8, batch_wait_ms=2.0,
+                                   return_wait_ms=return_wait_ms)
+    w = ModelWorker(dataclasses.replace(worker.config, batching=batching), worker.cfg, db=worker.db)
+    w._returning, w._last_run_s = set(returning), last_run_s
+    return w
+
+
+def test_a_claim_waits_for_the_users_whose_jobs_just_ended(worker: ModelWorker, gpt2: sc.LanguageModel) -> None:
+    w = _returning_worker(worker, return_wait_ms=400, last_run_s=10.0, returning={"k1", "k2", "k3"})
+    first = submit(w, trace(gpt2, edit_and_read, ids(3)), key="k1")
+    graph = trace(gpt2, edit_and_read, ids(3))
+    later: list[JobRecord] = []
+    timer = threading.Timer(0.1, lambda: later.extend(submit(w, graph, key=k) for k in ("k2", "k3")))
+    timer.start()
+    start = time.monotonic()
+    claimed = w.claim()
+    timer.join()
+    assert [j.id for j in claimed] == [first.id, *(j.id for j in later)]     # one batch, not two
+    assert 0.08 < time.monotonic() - start < 0.35                              # it stopped once both returned
+
+
+def test_the_wait_for_returning_users_is_bounded(worker: ModelWorker, gpt2: sc.LanguageModel) -> None:
+    for returning, last_run_s, most_s in (({"k2"}, 10.0, 0.25), ({"k2"}, 0.04, 0.05), (set(), 10.0, 0.05)):
+        w = _returning_worker(worker, return_wait_ms=150, last_run_s=last_run_s, returning=returning)
+        job = submit(w, trace(gpt2, edit_and_read, ids(3)), key="k1")
+        start = time.monotonic()
+        assert [j.id for j in w.claim()] == [job.id]            # k2 never comes back
+        took = time.monotonic() - start
+        assert took < most_s, (returning, last_run_s, took)     # 150 ms cap, a quarter of a short run, or 2 ms
+        w.db.finish_job(job.id, JobStatus.COMPLETED)

@@ -34,6 +34,7 @@ from validator import DryRun, ValidatedGraph, ValidationError, dry_check, dry_ru
 from .config import ServerConfig
 from .db import Database
 from .modelinfo import ModelInfo, read_model_info
+from .runtime import release_free_memory
 
 log = logging.getLogger(__name__)
 
@@ -154,8 +155,10 @@ class Catalog:
                 if info.info.get("tokenizer") and info.tokenizer_dir.is_dir() else None
         except (OSError, ValueError, KeyError, TypeError) as err:
             raise ModelNotReady(f"model {name}: cannot build its meta copy from {info.folder} ({err})") from None
-        return _Runtime(meta_model=meta_model, lm=sc.LanguageModel(meta_model, tokenizer=tokenizer),
-                        tokenizer_lock=threading.Lock(), passed=DryRunCache())
+        runtime = _Runtime(meta_model=meta_model, lm=sc.LanguageModel(meta_model, tokenizer=tokenizer),
+                           tokenizer_lock=threading.Lock(), passed=DryRunCache())
+        release_free_memory()        # building the copy frees much that malloc would otherwise keep
+        return runtime
 
     def _tokens(self, runtime: _Runtime, checked: ValidatedGraph) -> tuple[int, list[slice | None]]:
         """The batch's sequence length and each invoke's rows, tokenized as the worker will."""

@@ -50,20 +50,21 @@ def tree_pids(root: int) -> list[int]:
 
 def anon_mb(pid: int) -> float:
     """The process's share of anonymous and shared-memory pages (MiB); 0 if it is gone."""
-    try:
-        rows = Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines()
-    except OSError:
-        return 0.0
-    return sum(int(line.split()[1]) for line in rows if line.startswith(("Pss_Anon:", "Pss_Shmem:"))) / 1024
+    return _field_mb(f"/proc/{pid}/smaps_rollup", ("Pss_Anon:", "Pss_Shmem:"))
 
 
 def rss_anon_mb(pid: int) -> float:
     """Resident anonymous and shared-memory pages of the process (MiB), from /proc/<pid>/status."""
+    return _field_mb(f"/proc/{pid}/status", ("RssAnon:", "RssShmem:"))
+
+
+def _field_mb(path: str, fields: tuple[str, ...]) -> float:
+    """The sum of the kB ``fields`` of a /proc file, in MiB; 0 if the process is gone."""
     try:
-        rows = Path(f"/proc/{pid}/status").read_text().splitlines()
+        rows = Path(path).read_text().splitlines()
     except OSError:
         return 0.0
-    return sum(int(line.split()[1]) for line in rows if line.startswith(("RssAnon:", "RssShmem:"))) / 1024
+    return sum(int(line.split()[1]) for line in rows if line.startswith(fields)) / 1024
 
 
 def file_frames(pid: int) -> np.ndarray | None:
@@ -101,11 +102,7 @@ def file_mb(pids: list[int]) -> tuple[float, bool]:
 
 
 def _pss_file_mb(pid: int) -> float:
-    try:
-        rows = Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines()
-    except OSError:
-        return 0.0
-    return sum(int(line.split()[1]) for line in rows if line.startswith("Pss_File:")) / 1024
+    return _field_mb(f"/proc/{pid}/smaps_rollup", ("Pss_File:",))
 
 
 def process_name(pid: int) -> str:

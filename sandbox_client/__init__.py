@@ -13,8 +13,9 @@ graph format's plain parts does not pay for torch.
 """
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from .lazy import lazy_exports
 
 if TYPE_CHECKING:
     from .envoy import Envoy
@@ -58,14 +59,4 @@ __all__ = [
     "json_roundtrip",
 ]
 
-
-def __getattr__(name: str) -> Any:
-    if name not in _WHERE:
-        raise AttributeError(f"module 'sandbox_client' has no attribute {name!r}")
-    module = importlib.import_module(_WHERE[name], __name__)
-    globals().update({n: getattr(module, n) for n, where in _WHERE.items() if where == _WHERE[name]})
-    return globals()[name]
-
-
-def __dir__() -> list[str]:
-    return sorted({*globals(), *_WHERE})
+__getattr__, __dir__ = lazy_exports(__name__, globals(), _WHERE)

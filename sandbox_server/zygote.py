@@ -120,9 +120,6 @@ class Zygote:
             raise ZygoteError(f"the zygote is gone ({err})") from None
         return ForkedProcess(int(self._reply(SPAWN_TIMEOUT_S)["pid"]))
 
-    def alive(self) -> bool:
-        return self.proc.poll() is None
-
     def close(self) -> None:
         """Stop the zygote (its forked processes live on)."""
         self._sock.close()

@@ -9,8 +9,9 @@ imports torch.
 """
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from sandbox_client.lazy import lazy_exports
 
 if TYPE_CHECKING:
     from .check import DryRun, dry_check, dry_run_key, validate
@@ -29,14 +30,4 @@ __all__ = [
     "ValidationError", "dry_check", "dry_run", "dry_run_key", "meta_copy", "validate",
 ]
 
-
-def __getattr__(name: str) -> Any:
-    if name not in _WHERE:
-        raise AttributeError(f"module 'validator' has no attribute {name!r}")
-    module = importlib.import_module(_WHERE[name], __name__)
-    globals().update({n: getattr(module, n) for n, where in _WHERE.items() if where == _WHERE[name]})
-    return globals()[name]
-
-
-def __dir__() -> list[str]:
-    return sorted({*globals(), *_WHERE})
+__getattr__, __dir__ = lazy_exports(__name__, globals(), _WHERE)

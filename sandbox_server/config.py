@@ -72,6 +72,8 @@ class JobsConfig:
     timeout_s: float = 60.0           # wall clock per job; the job ends ERROR, the worker keeps serving
     kill_grace_s: float = 5.0         # past timeout + grace the supervisor kills and restarts the worker
     worker_memory_mb: int = 0         # address-space cap of each model worker above its loaded model (0 = none)
+    worker_heap_keep_mb: int = 512    # freed memory a model worker keeps for its next job instead of handing it
+                                      # back to the system and faulting it in again (0 = glibc's default)
     result_ttl_s: float = 24 * 3600.0
     sweep_interval_s: float = 60.0
     max_wait_s: float = 30.0          # longest GET /v1/jobs/<id>?wait=
@@ -85,13 +87,15 @@ class BatchingConfig:
     max_batch: int = 8                # most jobs claimed and merged at once
     max_batch_tokens: int = 4096      # most rows x padded width in one merged batch (a lone job may exceed it)
     batch_wait_ms: float = 2.0        # after a wake, how long to wait for more jobs when fewer than max_batch
+    burst_wait_ms: float = 50.0       # while jobs keep arriving (each within batch_wait_ms), fill for up to this
     return_wait_ms: float = 100.0     # how long to wait for the users whose jobs just ended to send their next
                                       # (at most a quarter of the last run's time); 0 = never
 
     def __post_init__(self) -> None:
-        if self.max_batch < 1 or self.max_batch_tokens < 1 or self.batch_wait_ms < 0 or self.return_wait_ms < 0:
-            raise ConfigError("[batching] max_batch and max_batch_tokens must be >= 1, batch_wait_ms and "
-                              "return_wait_ms >= 0")
+        if self.max_batch < 1 or self.max_batch_tokens < 1 or \
+                min(self.batch_wait_ms, self.burst_wait_ms, self.return_wait_ms) < 0:
+            raise ConfigError("[batching] max_batch and max_batch_tokens must be >= 1, batch_wait_ms, "
+                              "burst_wait_ms and return_wait_ms >= 0")
 
 
 @dataclass(frozen=True)
@@ -111,7 +115,8 @@ class ServerConfig:
     web_threads: int = 8
     max_request_mb: float = 16.0
     shared_imports: bool = True       # fork workers and the web tier from one pre-loaded process (zygote.py)
-    omp_wait_policy: str = "passive"  # OMP_WAIT_POLICY of every process; "" leaves the environment's
+    omp_wait_policy: str = ""         # OMP_WAIT_POLICY of every process ("passive", "active"); "" leaves the
+                                      # environment's
     models: tuple[ModelConfig, ...] = ()
     store: StoreConfig = StoreConfig()
     jobs: JobsConfig = JobsConfig()
@@ -172,7 +177,7 @@ class ServerConfig:
         models = tuple(_section(ModelConfig, m, f"[[models]] #{i}") for i, m in enumerate(data.get("models", [])))
         _check_models(models)
         store = _section(StoreConfig, data.get("store", {}), "[store]")
-        if server.get("omp_wait_policy", "passive") not in ("passive", "active", ""):
+        if server.get("omp_wait_policy", "") not in ("passive", "active", ""):
             raise ConfigError(f"[server] omp_wait_policy = {server['omp_wait_policy']!r}: use \"passive\", "
                               "\"active\" or \"\" (the environment's)")
         if store.kind not in ("local", "s3"):

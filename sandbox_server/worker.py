@@ -48,6 +48,7 @@ from .runtime import (
     cap_address_space,
     check_result_size,
     describe_error,
+    keep_freed_memory,
     release_free_memory,
 )
 from .types import JobRecord, JobStatus, ResultInfo
@@ -101,6 +102,7 @@ class ModelWorker:
             self.memory_limit = cap_address_space(self.config.jobs.worker_memory_mb)
         self._record_param_hash("load")
         release_free_memory()
+        keep_freed_memory(self.config.jobs.worker_heap_keep_mb)
         self.db.set_worker(self.cfg.name, self.pid, "ready")
         cap = f", jobs capped at {self.config.jobs.worker_memory_mb} MiB" if self.memory_limit else ""
         log(f"worker {self.cfg.name} (pid {self.pid}) ready in {time.monotonic() - started:.2f} s{cap}")
@@ -139,10 +141,13 @@ class ModelWorker:
     def claim(self) -> list[JobRecord]:
         """The next jobs in fair order: one, or up to ``[batching] max_batch``.
 
-        When fewer are queued, wait ``batch_wait_ms`` for more, and longer while users whose jobs the last
-        run ended have not sent their next one: up to ``return_wait_ms`` and a quarter of that run's time.
-        Users who send a job, wait for its result and send the next would otherwise split into two groups
-        that alternate, each in half-full batches; waiting briefly for the returning group keeps them in one.
+        When fewer are queued, wait ``batch_wait_ms`` for more; while jobs keep arriving, each within
+        ``batch_wait_ms`` of the one before (many users starting at once, or one user's parallel jobs), keep
+        filling for up to ``burst_wait_ms``. Wait longer while users whose jobs the last run ended have not sent
+        their next one: up to ``return_wait_ms`` and a quarter of that run's time. Users who send a job, wait
+        for its result and send the next would otherwise split into two groups that alternate, each in
+        half-full batches; waiting briefly for the returning group keeps them in one. A lone job waits
+        ``batch_wait_ms`` only.
         """
         batching = self.config.batching
         if batching.max_batch <= 1:
@@ -151,18 +156,20 @@ class ModelWorker:
         jobs = self.db.claim_batch(self.cfg.name, self.pid, batching.max_batch)
         if not jobs:
             return jobs
-        start, base_s = time.monotonic(), batching.batch_wait_ms / 1000.0
+        start = last = time.monotonic()
+        gap_s, burst_s = batching.batch_wait_ms / 1000.0, max(batching.batch_wait_ms, batching.burst_wait_ms) / 1000.0
         returning = self._returning - {job.key_id for job in jobs}
-        limit_s = max(base_s, min(batching.return_wait_ms / 1000.0, RETURN_WAIT_SHARE * self._last_run_s)) \
-            if returning else base_s
+        return_s = min(batching.return_wait_ms / 1000.0, RETURN_WAIT_SHARE * self._last_run_s)
         while len(jobs) < batching.max_batch:
-            waited = time.monotonic() - start
-            if waited >= limit_s or (waited >= base_s and not returning):
+            until = max(min(last + gap_s, start + burst_s), start + return_s if returning else start)
+            now = time.monotonic()
+            if now >= until:
                 break
-            self._sleep_for_jobs((limit_s if returning else base_s) - waited)
+            self._sleep_for_jobs(until - now)
             more = self.db.claim_batch(self.cfg.name, self.pid, batching.max_batch - len(jobs))
-            jobs += more
-            returning -= {job.key_id for job in more}
+            if more:
+                jobs, last = jobs + more, time.monotonic()
+                returning -= {job.key_id for job in more}
         return jobs
 
     def _sleep_for_jobs(self, seconds: float) -> None:

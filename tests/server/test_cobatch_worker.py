@@ -197,18 +197,21 @@ def test_a_user_with_50_queued_jobs_does_not_delay_another(worker: ModelWorker, 
 
 
 def test_batching_config() -> None:
-    config = ServerConfig.from_dict({"batching": {"max_batch": 4, "max_batch_tokens": 100, "batch_wait_ms": 5}})
-    assert config.batching == BatchingConfig(max_batch=4, max_batch_tokens=100, batch_wait_ms=5)
+    config = ServerConfig.from_dict({"batching": {"max_batch": 4, "max_batch_tokens": 100, "batch_wait_ms": 5,
+                                                  "burst_wait_ms": 20}})
+    assert config.batching == BatchingConfig(max_batch=4, max_batch_tokens=100, batch_wait_ms=5, burst_wait_ms=20)
     assert ServerConfig.from_dict({}).batching == BatchingConfig(8, 4096, 2.0)
     with pytest.raises(ConfigError, match="max_batch"):
         ServerConfig.from_dict({"batching": {"max_batch": 0}})
+    with pytest.raises(ConfigError, match="burst_wait_ms"):
+        ServerConfig.from_dict({"batching": {"burst_wait_ms": -1}})
 
 
 # ----- waiting for returning users ----------------------------------------------------------------
 def _returning_worker(worker: ModelWorker, return_wait_ms: float, last_run_s: float,
-                      returning: set[str]) -> ModelWorker:
-    batching = dataclasses.replace(worker.config.batching, max_batch=8, batch_wait_ms=2.0,
-                                   return_wait_ms=return_wait_ms)
+                      returning: set[str], **waits: float) -> ModelWorker:
+    batching = dataclasses.replace(worker.config.batching, **{"max_batch": 8, "batch_wait_ms": 2.0,
+                                                              "return_wait_ms": return_wait_ms, **waits})
     w = ModelWorker(dataclasses.replace(worker.config, batching=batching), worker.cfg, db=worker.db)
     w._returning, w._last_run_s = set(returning), last_run_s
     return w
@@ -237,3 +240,59 @@ def test_the_wait_for_returning_users_is_bounded(worker: ModelWorker, gpt2: sc.L
         took = time.monotonic() - start
         assert took < most_s, (returning, last_run_s, took)     # 150 ms cap, a quarter of a short run, or 2 ms
         w.db.finish_job(job.id, JobStatus.COMPLETED)
+
+
+# ----- bursts: many jobs arriving at once --------------------------------------------------------
+def _arriving(w: ModelWorker, graph: Graph, count: int, every_s: float) -> threading.Thread:
+    """A thread that submits ``count`` jobs (keys b0, b1, ...), one every ``every_s`` seconds."""
+    def run() -> None:
+        for i in range(count):
+            time.sleep(every_s)
+            submit(w, graph, key=f"b{i}")
+    thread = threading.Thread(target=run)
+    thread.start()
+    return thread
+
+
+def _end_all(w: ModelWorker, claimed: list[JobRecord]) -> None:
+    """End the claimed jobs and whatever is still queued, so the next test's claim starts from an empty queue."""
+    while True:
+        for job in claimed:
+            w.db.finish_job(job.id, JobStatus.COMPLETED)
+        claimed = w.db.claim_batch(w.cfg.name, w.pid, 64)
+        if not claimed:
+            return
+
+
+def test_a_claim_keeps_filling_while_jobs_keep_arriving(worker: ModelWorker, gpt2: sc.LanguageModel) -> None:
+    w = _returning_worker(worker, 0.0, 0.0, set(), max_batch=16, batch_wait_ms=15.0, burst_wait_ms=2000.0)
+    graph = trace(gpt2, edit_and_read, ids(3))
+    first = submit(w, graph, key="k1")
+    arriving = _arriving(w, graph, 6, every_s=0.005)       # the last one 30 ms after the first, gaps of 5 ms
+    claimed = w.claim()
+    arriving.join()
+    _end_all(w, claimed)
+    assert claimed[0].id == first.id and len(claimed) == 7     # one batch: batch_wait_ms alone would end at 15 ms
+
+
+def test_a_burst_fills_for_at_most_burst_wait_ms(worker: ModelWorker, gpt2: sc.LanguageModel) -> None:
+    w = _returning_worker(worker, 0.0, 0.0, set(), max_batch=64, batch_wait_ms=30.0, burst_wait_ms=120.0)
+    graph = trace(gpt2, edit_and_read, ids(3))
+    submit(w, graph, key="k1")
+    arriving = _arriving(w, graph, 40, every_s=0.01)       # a steady stream for 400 ms
+    start = time.monotonic()
+    claimed = w.claim()
+    took = time.monotonic() - start
+    arriving.join()
+    _end_all(w, claimed)
+    assert 0.1 < took < 0.3 and 5 < len(claimed) < 30, (took, len(claimed))
+
+
+def test_a_lone_job_waits_only_batch_wait_ms(worker: ModelWorker, gpt2: sc.LanguageModel) -> None:
+    w = _returning_worker(worker, 0.0, 0.0, set(), batch_wait_ms=20.0, burst_wait_ms=5000.0)
+    job = submit(w, trace(gpt2, edit_and_read, ids(3)), key="k1")
+    start = time.monotonic()
+    claimed = w.claim()
+    took = time.monotonic() - start
+    _end_all(w, claimed)
+    assert [j.id for j in claimed] == [job.id] and took < 0.2

@@ -109,15 +109,17 @@ def test_embedded_config_is_written_for_the_children(tmp_path: Path) -> None:
     assert sup.workers["smollm2-135m"].command[-4:] == ["--config", str(sup.config_path), "--model", "smollm2-135m"]
 
 
-def test_torch_threads_sleep_between_operations_unless_configured(tmp_path: Path,
-                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+def test_omp_wait_policy_is_the_environments_unless_configured(tmp_path: Path,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
     from sandbox_server.config import ConfigError
 
     (tmp_path / "data").mkdir()
     monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")
-    assert Supervisor(config_for(tmp_path)).env["OMP_WAIT_POLICY"] == "PASSIVE"
-    kept = dataclasses.replace(config_for(tmp_path), omp_wait_policy="")
-    assert Supervisor(kept).env["OMP_WAIT_POLICY"] == "ACTIVE"
+    assert Supervisor(config_for(tmp_path)).env["OMP_WAIT_POLICY"] == "ACTIVE"
+    monkeypatch.delenv("OMP_WAIT_POLICY")
+    assert "OMP_WAIT_POLICY" not in Supervisor(config_for(tmp_path)).env
+    passive = dataclasses.replace(config_for(tmp_path), omp_wait_policy="passive")
+    assert Supervisor(passive).env["OMP_WAIT_POLICY"] == "PASSIVE"
     with pytest.raises(ConfigError, match="omp_wait_policy"):
         ServerConfig.from_dict({"server": {"omp_wait_policy": "spin"}})
 

@@ -131,9 +131,9 @@ def test_a_served_model_shares_pages_with_the_web_tier_and_restarts_on_its_own(t
 
 @pytest.mark.slow
 def test_without_shared_imports_every_process_starts_on_its_own(tmp_path: Path) -> None:
-    with start_server(tmp_path, server={"shared_imports": False}) as server:
+    with start_server(tmp_path, server={"shared_imports": False, "omp_wait_policy": "passive"}) as server:
         assert requests.get(server.url + "/healthz", timeout=10).json()["status"] == "ok"
         worker = server.worker_pid("tiny-gpt2")
         assert worker is not None and "sandbox_server.worker" in Path(f"/proc/{worker}/cmdline").read_text()
         assert "zygote" not in server.log_path.read_text()
-        assert b"OMP_WAIT_POLICY=PASSIVE" in Path(f"/proc/{worker}/environ").read_bytes().split(b"\0")
+        assert b"OMP_WAIT_POLICY=PASSIVE" in Path(f"/proc/{worker}/environ").read_bytes().split(b"\0")  # as set

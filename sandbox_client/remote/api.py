@@ -7,10 +7,16 @@ every non-2xx answer turned into a typed ``RemoteError``.
 
 Every request has a timeout; a server that cannot be reached is a ``RemoteError("connection")``
 that says so. Absolute URLs (presigned S3 downloads) are fetched without the API key.
+
+Kept-alive connections idle for ``POOL_IDLE_S`` are dropped before the next request: the server's
+gunicorn closes a connection idle 5 s, and a request sent on it just as it closes fails (a
+researcher pausing between experiments would see a random "cannot reach"). A POST is not retried,
+since the server may have taken it; a fresh connection avoids the race instead.
 """
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -20,6 +26,7 @@ from ..errors import AuthError, RateLimitError, RemoteError, RemoteValidationErr
 
 CONNECT_TIMEOUT = 10.0
 READ_TIMEOUT = 60.0
+POOL_IDLE_S = 2.0         # under gunicorn's keepalive (infra/gunicorn.conf.py: 5 s) and any usual proxy's
 _CHUNK = 1 << 20
 
 
@@ -36,6 +43,7 @@ class ApiClient:
         self._session.trust_env = False
         self._session.verify = os.environ.get("REQUESTS_CA_BUNDLE") or os.environ.get("CURL_CA_BUNDLE") or True
         self._proxies: dict[str, dict[str, str]] = {}
+        self._last_used = time.monotonic()
 
     def get_json(self, path: str, params: Mapping[str, Any] | None = None, *, auth: bool = True,
                  read_timeout: float | None = None) -> Any:
@@ -75,6 +83,8 @@ class ApiClient:
         url = path if path.startswith(("http://", "https://")) else self.host + path
         headers = self._auth if auth else {}
         timeout = (CONNECT_TIMEOUT, read_timeout if read_timeout is not None else self.read_timeout)
+        if time.monotonic() - self._last_used > POOL_IDLE_S:
+            self._session.close()          # closes the idle pooled connections; the session stays usable
         try:
             response = self._session.request(method, url, headers=headers, timeout=timeout,
                                              proxies=self._proxies_for(url), **kwargs)
@@ -86,6 +96,8 @@ class ApiClient:
                               "the server may be overloaded, try again later") from None
         except requests.RequestException as err:
             raise RemoteError("connection", f"request to {self._label(url)} failed: {err}") from None
+        finally:
+            self._last_used = time.monotonic()
         if response.status_code >= 400:
             error = error_from_response(response.status_code, _json_or_none(response), response.headers)
             response.close()

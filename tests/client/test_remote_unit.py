@@ -12,6 +12,7 @@ import json
 import os
 import socket
 import threading
+import time
 from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -399,3 +400,47 @@ def test_bad_key_and_pin_mismatch_at_connect(fake, tmp_path, monkeypatch):
     monkeypatch.setenv("SANDBOX_API_KEY", fake.key)
     os.remove(tmp_path / "known_servers")
     assert sc.RemoteModel("tiny-llama", verbose=False).info["name"] == "tiny-llama"
+
+
+# ----- kept-alive connections ----------------------------------------------------------------------
+class _CountingHandler(BaseHTTPRequestHandler):
+    """HTTP/1.1 with keep-alive: answers every POST with {} and counts the connections it accepted."""
+
+    protocol_version = "HTTP/1.1"
+    connections: list[int] = []
+
+    def setup(self) -> None:
+        super().setup()
+        self.connections.append(1)
+
+    def do_POST(self) -> None:  # noqa: N802 (http.server's naming)
+        self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", "2")
+        self.end_headers()
+        self.wfile.write(b"{}")
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+def test_a_connection_idle_past_pool_idle_s_is_replaced_before_the_next_request(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # gunicorn closes a connection idle 5 s; one reused just as it closes fails, so the client opens a new one
+    import sandbox_client.remote.api as api_module
+
+    monkeypatch.setattr(api_module, "POOL_IDLE_S", 0.3)
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _CountingHandler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    _CountingHandler.connections = []
+    try:
+        api = ApiClient(f"http://127.0.0.1:{server.server_address[1]}", "k")
+        for pause in (0.0, 0.05, 0.05, 0.5, 0.0):
+            time.sleep(pause)
+            assert api.post_json("/v1/jobs", {"n": 1}) == {}
+        assert len(_CountingHandler.connections) == 2           # kept alive, except after the 0.5 s pause
+        api.close()
+    finally:
+        server.shutdown()
+        server.server_close()

@@ -2,15 +2,17 @@
 experiment on SmolLM2-135M through one server; co-batching (max_batch = 16) against NDIF's mode
 (max_batch = 1) and against K local copies of the model, all measured in one run.
 
-    .venv/bin/python benchmarks/multiuser.py                          # K = 1 2 4 8 10 16, CPU (~6 minutes)
-    .venv/bin/python benchmarks/multiuser.py --users 1 4 16 --jobs 4
-    .venv/bin/python benchmarks/multiuser.py --device cuda --jobs 6   # on a GPU machine (< 5 minutes)
+    .venv/bin/python benchmarks/multiuser.py                          # K = 1 2 4 8 10 16, CPU (~6.5 minutes)
+    .venv/bin/python benchmarks/multiuser.py --users 1 4 16 --jobs 4 --repeat 1
+    .venv/bin/python benchmarks/multiuser.py --device cuda --jobs 6 --repeat 1   # GPU (< 5 minutes)
 
 The experiment: a trace on a 16-token prompt saving 3 activations (two decoder layers' last-token
-states and the next-token logits). Each user process waits at a barrier, then runs ``--jobs``
-experiments back to back; throughput is experiments over the time from the barrier to the last
-answer. Both servers (co-batching and max_batch = 1) run side by side and each K is measured on one
-then at once on the other, so a busy spell of the machine hits both modes alike.
+states and the next-token logits). Warm user processes (started once, reused for every server and K)
+start together when told on stdin, then run ``--jobs`` experiments back to back; throughput is
+experiments over the time from that start to the last answer. Both servers (co-batching and
+max_batch = 1) run side by side; each K is measured ``--repeat`` times on one then at once on the
+other, so a busy spell of the machine hits both modes alike, and the median paired ratio is reported.
+Memory is sampled in a separate pass, so the sampler does not slow the throughput runs.
 
 Memory: the peak memory of all server processes (supervisor, gunicorn master and worker, model worker)
 with every physical page counted once (``benchmarks/procmem.py``: anonymous pages as PSS, file pages

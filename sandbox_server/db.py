@@ -222,9 +222,6 @@ class Database:
                         (job_id, JobStatus.RUNNING))
         return self.get_job(job_id)
 
-    def cancel_requested(self, job_id: str) -> bool:
-        return bool(self.cancels_requested([job_id]))
-
     def cancels_requested(self, job_ids: Sequence[str]) -> list[str]:
         """Which of ``job_ids`` their owners asked to cancel: one query for a whole co-batch."""
         if not job_ids:

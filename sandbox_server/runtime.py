@@ -134,10 +134,8 @@ def release_free_memory() -> bool:
     Loading a model frees a lot (conversion buffers, the shape probes) that malloc would otherwise keep
     for the process's whole life: about 30 MB for SmolLM2-135M.
     """
-    try:
-        return bool(ctypes.CDLL("libc.so.6").malloc_trim(0))
-    except (OSError, AttributeError):
-        return False
+    libc = _glibc()
+    return libc is not None and bool(libc.malloc_trim(0))
 
 
 def keep_freed_memory(limit_mb: int) -> bool:
@@ -156,11 +154,18 @@ def keep_freed_memory(limit_mb: int) -> bool:
     if limit_mb <= 0:
         return False
     size = min(limit_mb * 2**20, 2**31 - 1)    # mallopt takes a C int
+    libc = _glibc()
+    return libc is not None and bool(libc.mallopt(M_MMAP_THRESHOLD, size)) \
+        and bool(libc.mallopt(M_TRIM_THRESHOLD, size))
+
+
+def _glibc() -> ctypes.CDLL | None:
+    """The C library when it is glibc (it has ``malloc_trim`` and ``mallopt``), else None (musl, macOS)."""
     try:
         libc = ctypes.CDLL("libc.so.6")
-        return bool(libc.mallopt(M_MMAP_THRESHOLD, size)) and bool(libc.mallopt(M_TRIM_THRESHOLD, size))
-    except (OSError, AttributeError):
-        return False
+    except OSError:
+        return None
+    return libc if hasattr(libc, "malloc_trim") and hasattr(libc, "mallopt") else None
 
 
 def cap_address_space(extra_mb: int) -> int | None:

@@ -242,7 +242,7 @@ def test_cancel_running_job_sets_the_flag(app: Flask, client: FlaskClient, key: 
     db._con().execute("UPDATE jobs SET status = 'RUNNING', started = ? WHERE id = ?", (time.time(), job_id))
     job = client.delete(f"/v1/jobs/{job_id}", headers=key.headers).get_json()
     assert (job["status"], job["cancel_requested"]) == ("RUNNING", True)
-    assert db.cancel_requested(job_id)
+    assert db.cancels_requested([job_id]) == [job_id]
     other = submit(client, key, logits_graph).get_json()["id"]
     assert db.cancels_requested([other, job_id, "job_unknown"]) == [job_id]   # one query for a co-batch
 

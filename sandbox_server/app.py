@@ -76,18 +76,22 @@ api = Blueprint("api", __name__)
 @api.post("/v1/jobs")
 def post_job() -> tuple[Response, int, dict[str, str]]:
     s, key = _services(), _key()
+    wait, inline = _wait_seconds(s.config), _inline()   # a bad parameter is refused before anything is queued
     job = submission.submit(s.config, s.db, s.catalog, key, request.get_data(cache=False))
-    return jsonify(submission.job_view(job, s.db, s.store, s.config)), 202, {"Location": f"/v1/jobs/{job.id}"}
+    if wait > 0:
+        job = submission.wait_for_job(s.db, job, wait, s.ends)
+    view = submission.job_view(job, s.db, s.store, s.config, inline=inline)
+    return jsonify(view), 202, {"Location": f"/v1/jobs/{job.id}"}
 
 
 @api.get("/v1/jobs/<job_id>")
 def get_job(job_id: str) -> Response:
     s, key = _services(), _key()
     job = submission.owned_job(s.db, key, job_id)
-    wait = _wait_seconds(s.config)
+    wait, inline = _wait_seconds(s.config), _inline()
     if wait > 0:
         job = submission.wait_for_job(s.db, job, wait, s.ends)
-    return jsonify(submission.job_view(job, s.db, s.store, s.config))
+    return jsonify(submission.job_view(job, s.db, s.store, s.config, inline=inline))
 
 
 @api.get("/v1/jobs/<job_id>/result")
@@ -178,6 +182,14 @@ def _services() -> Services:
 
 def _key() -> KeyRecord:
     return authenticate(request.headers.get("Authorization"), _services().db)
+
+
+def _inline() -> bool:
+    raw = request.args.get("inline", "0")
+    if raw not in ("0", "1", "true", "false"):
+        raise ApiError(400, "bad_request", f"inline={raw[:32]!r}: give 1 (put a small result inside the answer) "
+                       "or 0")
+    return raw in ("1", "true")
 
 
 def _wait_seconds(config: ServerConfig) -> float:

@@ -76,7 +76,9 @@ class JobsConfig:
                                       # back to the system and faulting it in again (0 = glibc's default)
     result_ttl_s: float = 24 * 3600.0
     sweep_interval_s: float = 60.0
-    max_wait_s: float = 30.0          # longest GET /v1/jobs/<id>?wait=
+    max_wait_s: float = 30.0          # longest GET /v1/jobs/<id>?wait= (and POST /v1/jobs?wait=)
+    inline_result_bytes: int = 1 << 20  # with ?inline=1 a COMPLETED job's result up to this size comes inside
+                                      # the Job answer (base64), saving the download request; 0 = never
 
 
 @dataclass(frozen=True)

@@ -3,6 +3,7 @@
     job = submit(config, db, catalog, key, request_body)     # JobRecord (QUEUED), or ApiError 4xx/5xx
     job = wait_for_job(db, job, 5.0, ends)                  # returns early once the job is terminal
     job_view(job, db, store, config)                         # the Job dict of docs/api.md
+    job_view(job, db, store, config, inline=True)            # ... with a small result's bytes inside (base64)
 
 The order of checks in ``submit``: the request's envelope ({"model", "graph"}), the model (exists,
 this key may use it, its worker is up), the graph (every validator rule, then a dry run with the
@@ -11,6 +12,7 @@ transaction. Last, the model's worker is woken with one datagram on its Unix soc
 """
 from __future__ import annotations
 
+import base64
 import json
 import math
 import secrets
@@ -145,16 +147,33 @@ def result_bytes(job: JobRecord, store: ResultStore) -> bytes:
                        "later", headers={"Retry-After": str(RETRY_UNAVAILABLE_S)}) from None
 
 
-def job_view(job: JobRecord, db: Database, store: ResultStore, config: ServerConfig) -> dict[str, Any]:
-    """The API's Job object."""
-    result = None
+def job_view(job: JobRecord, db: Database, store: ResultStore, config: ServerConfig,
+             inline: bool = False) -> dict[str, Any]:
+    """The API's Job object; with ``inline`` a result of at most ``[jobs] inline_result_bytes`` also carries
+    its bytes (base64 ``data``), so the client needs no download request."""
+    result: dict[str, Any] | None = None
     if job.result is not None and not job.result_expired:
         result = {"url": _result_url(job, store, config), "sha256": job.result.sha256,
                   "signature": job.result.signature, "size": job.result.size, "expires": job.result.expires}
+        if inline and job.result.size <= config.jobs.inline_result_bytes:
+            data = _inline_data(job, store)
+            if data is not None:
+                result["data"] = data
     return {"id": job.id, "model": job.model, "kind": job.kind, "status": job.status,
             "position": db.queue_position(job), "created": job.created, "started": job.started,
             "finished": job.finished, "cancel_requested": job.cancel_requested, "error": job.error,
             "result": result, "result_expired": job.result_expired}
+
+
+def _inline_data(job: JobRecord, store: ResultStore) -> str | None:
+    """The stored bundle as base64; None when the store cannot give it now (the client then downloads ``url``
+    and gets that request's own error)."""
+    assert job.result is not None
+    try:
+        data = store.get(job.result.key)
+    except (ResultMissing, StorageError):
+        return None
+    return base64.b64encode(data).decode("ascii")
 
 
 def _validated(catalog: Catalog, model: str, graph_text: bytes) -> ValidatedGraph:

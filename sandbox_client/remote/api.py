@@ -49,8 +49,9 @@ class ApiClient:
                  read_timeout: float | None = None) -> Any:
         return self._json(self._request("GET", path, params=params, auth=auth, read_timeout=read_timeout))
 
-    def post_json(self, path: str, body: Any) -> Any:
-        return self._json(self._request("POST", path, json=body))
+    def post_json(self, path: str, body: Any, params: Mapping[str, Any] | None = None,
+                  read_timeout: float | None = None) -> Any:
+        return self._json(self._request("POST", path, json=body, params=params, read_timeout=read_timeout))
 
     def delete_json(self, path: str) -> Any:
         return self._json(self._request("DELETE", path))

@@ -8,10 +8,14 @@
     tracer.job.cancel()
 
 Following uses the server's long poll (``GET /v1/jobs/<id>?wait=S`` answers as soon as the job is
-terminal), so nothing sleeps on the client. Status lines go to stderr unless ``verbose=False``.
+terminal), so nothing sleeps on the client. A blocking trace already waits in its submission
+(``POST /v1/jobs?wait=S&inline=1``), and a result up to the server's ``inline_result_bytes`` comes inside
+that answer: a short experiment is one request. Status lines go to stderr unless ``verbose=False``.
 """
 from __future__ import annotations
 
+import base64
+import binascii
 import importlib
 import sys
 import threading
@@ -48,10 +52,13 @@ class RemoteJob:
     def __repr__(self) -> str:
         return f"RemoteJob({self.id!r}, {self.info.get('status')})"
 
-    def refresh(self, wait: float = 0.0) -> dict[str, Any]:
-        """The Job dict from the server; ``wait`` > 0 blocks until the job is terminal or ``wait`` s passed."""
-        params = {"wait": f"{wait:.3f}"} if wait > 0 else None
-        self.info = dict(self._api.get_json(self._path, params, read_timeout=wait + READ_TIMEOUT))
+    def refresh(self, wait: float = 0.0, inline: bool = False) -> dict[str, Any]:
+        """The Job dict from the server; ``wait`` > 0 blocks until the job is terminal or ``wait`` s passed;
+        ``inline`` asks for a small result's bytes inside it (``result["data"]``, base64)."""
+        params = {"wait": f"{wait:.3f}"} if wait > 0 else {}
+        if inline:
+            params["inline"] = "1"
+        self.info = dict(self._api.get_json(self._path, params or None, read_timeout=wait + READ_TIMEOUT))
         return self.info
 
     def status(self) -> str:
@@ -91,12 +98,12 @@ class RemoteJob:
             self._say_status(status)
             if status in TERMINAL:
                 break
-            poll = STATUS_POLL_S if self._verbose else LONG_POLL_S
+            poll = first_wait(self._verbose)
             left = poll if deadline is None else min(poll, deadline - time.monotonic())
             if left <= 0:
                 raise JobTimeoutError("timeout", f"job {self.id} is still {status} after {timeout} s; call "
                                       "job.wait() again, or job.cancel()")
-            self.refresh(wait=left)
+            self.refresh(wait=left, inline=True)
         if status == "ERROR":
             raise job_error(self.info)
         if status == "CANCELLED":
@@ -109,6 +116,9 @@ class RemoteJob:
             raise RemoteError("result_expired" if expired else "no_result",
                               f"job {self.id} has no downloadable result"
                               + ("; results expire after a while: run the trace again" if expired else ""))
+        inline = _inline_bytes(result.pop("data", None))    # not kept in ``info``: the values are returned
+        if inline is not None:
+            return verified_values(self.id, inline, result, self._public_key())
         size = int(result.get("size") or 0)
         self._say("downloading" + (f" {size / 1e6:.1f} MB" if size >= PROGRESS_BYTES else ""))
         if self._verbose and size >= PROGRESS_BYTES:
@@ -133,6 +143,22 @@ class RemoteJob:
         if self._verbose and line != self._said:
             self._said = line
             print(f"interp-sandbox: job {self.id}: {line}", file=sys.stderr, flush=True)
+
+
+def first_wait(verbose: bool) -> float:
+    """How long one request waits for a job to end: short while status lines are shown."""
+    return STATUS_POLL_S if verbose else LONG_POLL_S
+
+
+def _inline_bytes(data: Any) -> bytes | None:
+    """A result's inline bytes (base64 text); None when absent or not base64 (then the URL is downloaded).
+    What they hold is checked like a download: sha256 and signature, before anything is decoded."""
+    if not isinstance(data, str):
+        return None
+    try:
+        return base64.b64decode(data, validate=True)
+    except (binascii.Error, ValueError):
+        return None
 
 
 def job_error(info: Mapping[str, Any]) -> RemoteError:

@@ -25,8 +25,8 @@ from ..inputs import TokenBatch
 from ..language_model import LanguageModel
 from ..order import check_graph
 from ..tracer import Tracer
-from .api import ApiClient
-from .job import RemoteJob
+from .api import READ_TIMEOUT, ApiClient
+from .job import RemoteJob, first_wait
 from .pins import KnownServers, server_key
 from .tokenizer import tokenizer_from_files
 from .tree import module_tree
@@ -103,10 +103,11 @@ class RemoteModel(LanguageModel):
     def _run_graph(self, graph: Graph) -> dict[int, Any]:
         tracer, self._ending = self._ending, None
         check_graph(graph, self._module_names)
-        job = self._submit(graph)
+        blocking = not isinstance(tracer, RemoteTracer) or tracer.blocking
+        job = self._submit(graph, wait=blocking)
         if isinstance(tracer, RemoteTracer):
             tracer.job = job
-            if not tracer.blocking:
+            if not blocking:
                 tracer._pending = True
                 return {}
         return job.wait()
@@ -136,8 +137,16 @@ class RemoteModel(LanguageModel):
         return self._tokenizer
 
     # ----- server ----------------------------------------------------------------------------
-    def _submit(self, graph: Graph) -> RemoteJob:
-        info = self._api.post_json("/v1/jobs", {"model": self._name, "graph": graph.to_json()})
+    def _submit(self, graph: Graph, wait: bool) -> RemoteJob:
+        """POST the job; with ``wait`` the same request waits for it to end (``?wait=``) and brings a small
+        result along (``inline=1``): a short experiment takes one round trip instead of three."""
+        body = {"model": self._name, "graph": graph.to_json()}
+        if not wait:
+            return RemoteJob(self._api, self._api.post_json("/v1/jobs", body), lambda: self._public_key,
+                             verbose=self._verbose)
+        seconds = first_wait(self._verbose)
+        info = self._api.post_json("/v1/jobs", body, params={"wait": f"{seconds:.3f}", "inline": "1"},
+                                   read_timeout=seconds + READ_TIMEOUT)
         return RemoteJob(self._api, info, lambda: self._public_key, verbose=self._verbose)
 
     @staticmethod

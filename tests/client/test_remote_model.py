@@ -236,6 +236,53 @@ def test_tampered_result_is_refused_and_nothing_is_loaded(sandbox_server, remote
     assert info.value.code == "sha256_mismatch" and "nothing was loaded" in str(info.value)
 
 
+def test_a_tampered_inline_result_is_refused_too(sandbox_server, remote_models):
+    server, _ = sandbox_server
+    remote = remote_models["gpt2"]
+    tracer = remote.trace(EIFFEL, blocking=False)
+    with tracer:
+        h = remote.lm_head.output[:, -1].save()
+    job = tracer.job
+    deadline = time.monotonic() + 60
+    while job.refresh(wait=5)["status"] != "COMPLETED":
+        assert time.monotonic() < deadline
+    blob = stored_blob(Path(server.data_dir), job.info["result"]["sha256"])
+    data = bytearray(blob.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    blob.write_bytes(bytes(data))
+    assert "data" in job.refresh(inline=True)["result"]       # the server now inlines the altered bytes
+    with pytest.raises(sc.ResultVerificationError) as info:
+        _ = h.value
+    assert info.value.code == "sha256_mismatch"
+
+
+def test_a_blocking_trace_is_one_request_unless_its_result_is_large(sandbox_server, remote_models, local_models):
+    remote, local = remote_models["gpt2"], local_models["gpt2"]
+    session = remote._api._session
+    sent: list[str] = []
+    send = session.request
+
+    def counting(method: str, url: str, *args: Any, **kwargs: Any) -> Any:
+        sent.append(f"{method} {url.split('?')[0].rsplit('/', 2)[-2:]}")
+        return send(method, url, *args, **kwargs)
+
+    session.request = counting   # type: ignore[method-assign]
+    try:
+        with remote.trace(EIFFEL):
+            small = remote.lm_head.output[:, -1].save()     # 50,257 floats: 200 KB, inside the answer
+        assert len(sent) == 1 and sent[0].startswith("POST"), sent
+        with remote.trace(EIFFEL):       # 10 tokens x 50,257 logits: 2 MB, over the 1 MiB inline limit
+            big = remote.lm_head.output.save()
+        assert len(sent) == 3 and sent[2].startswith("GET"), sent
+    finally:
+        del session.request
+    with local.trace(EIFFEL):
+        want_small = local.lm_head.output[:, -1].save()
+        want_big = local.lm_head.output.save()
+    assert_bitwise(small.value, want_small.value)
+    assert_bitwise(big.value, want_big.value)
+
+
 def stored_blob(data_dir: Path, sha256: str) -> Path:
     for path in data_dir.rglob("*"):
         if path.is_file() and path.stat().st_size > 0 and hashlib.sha256(path.read_bytes()).hexdigest() == sha256:

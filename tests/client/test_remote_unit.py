@@ -7,6 +7,7 @@ storage's own signer and bundle encoder, and a local sc.LanguageModel on the sam
 """
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import os
@@ -230,6 +231,31 @@ def test_job_follows_status_lines_then_verifies(capsys):
                      "interp-sandbox: job j1: downloading"]
     assert [c[0] for c in api.calls] == ["GET", "GET", "DOWNLOAD"]
     assert all(c[2] and float(c[2]["wait"]) > 0 for c in api.calls if c[0] == "GET")   # long polls, no sleeps
+
+
+def test_an_inline_result_is_verified_without_a_download():
+    data, result = signed("j1", {"2": torch.arange(3)})
+    inline = {**result, "data": base64.b64encode(data).decode()}
+    api = FakeApi([job_dict("COMPLETED", result=inline)], b"never fetched")
+    job = RemoteJob(api, job_dict("RUNNING"), lambda: SIGNER.public_key_b64, verbose=False)  # type: ignore[arg-type]
+    assert torch.equal(job.wait()[2], torch.arange(3))
+    assert [(c[0], c[2]["inline"]) for c in api.calls] == [("GET", "1")]      # asked for it; no download
+    assert "data" not in job.info["result"]                                   # not kept twice
+
+
+def test_altered_inline_bytes_are_refused_and_bad_base64_falls_back_to_the_url():
+    data, result = signed("j1", {"2": torch.arange(3)})
+    altered = bytearray(data)
+    altered[len(altered) // 2] ^= 0xFF
+    api = FakeApi([job_dict("COMPLETED", result={**result, "data": base64.b64encode(bytes(altered)).decode()})])
+    with pytest.raises(sc.ResultVerificationError) as info:
+        RemoteJob(api, job_dict("RUNNING"), lambda: SIGNER.public_key_b64,  # type: ignore[arg-type]
+                  verbose=False).wait()
+    assert info.value.code == "sha256_mismatch" and [c[0] for c in api.calls] == ["GET"]
+    api = FakeApi([job_dict("COMPLETED", result={**result, "data": "not base64!"})], data)
+    values = RemoteJob(api, job_dict("RUNNING"), lambda: SIGNER.public_key_b64,  # type: ignore[arg-type]
+                       verbose=False).wait()
+    assert torch.equal(values[2], torch.arange(3)) and [c[0] for c in api.calls] == ["GET", "DOWNLOAD"]
 
 
 def test_quiet_job_errors_cancel_and_timeout(capsys):

@@ -116,6 +116,12 @@ def test_job_answers_match(app: Flask, client: FlaskClient, job_graph: dict[str,
     done_id = client.post("/v1/jobs", json=job_graph, headers=done_headers).get_json()["id"]
     finish_with_result(app, done_id, {"1": torch.ones(2)})
     check(client.get(f"/v1/jobs/{done_id}", headers=done_headers), path, "get")
+    inline = client.get(f"/v1/jobs/{done_id}?inline=1", headers=done_headers)
+    assert "data" in inline.get_json()["result"]
+    check(inline, path, "get")
+    check(client.get(f"/v1/jobs/{done_id}?inline=maybe", headers=done_headers), path, "get")
+    check(client.post("/v1/jobs?wait=0.01&inline=1", json=job_graph, headers=done_headers), "/v1/jobs", "post")
+    check(client.post("/v1/jobs?wait=-1", json=job_graph, headers=done_headers), "/v1/jobs", "post")
     check(client.get(f"/v1/jobs/{done_id}/result", headers=done_headers), path + "/result", "get")
     services(app).db.mark_expired(done_id)
     check(client.get(f"/v1/jobs/{done_id}/result", headers=done_headers), path + "/result", "get")

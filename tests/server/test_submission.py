@@ -347,3 +347,98 @@ def test_failed_job_has_no_result(app: Flask, client: FlaskClient, key: Key, log
     assert job["status"] == "ERROR" and job["error"] == error
     r = client.get(f"/v1/jobs/{job_id}/result", headers=key.headers)
     assert (r.status_code, error_of(r)["code"]) == (409, "no_result")
+
+
+# ----- one round trip: submit, wait and the result in one request ------------------------------
+def end_when_queued(app: Flask, key: Key, values: dict[str, Any]) -> tuple[threading.Thread, list[bytes]]:
+    """A stand-in worker: once ``key`` has a queued job, end it COMPLETED with ``values`` and announce it."""
+    import sqlite3
+
+    from sandbox_server.jobends import announce
+
+    stored: list[bytes] = []
+
+    def run() -> None:
+        con = sqlite3.connect(services(app).config.db_path)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            row = con.execute("SELECT id FROM jobs WHERE key_id = ? AND status = 'QUEUED'", (key.record.id,)).fetchone()
+            if row is not None:
+                time.sleep(0.1)   # the request is waiting by now
+                stored.append(finish_with_result(app, row[0], values))
+                announce(services(app).config.web_socket_dir, [row[0]])
+                break
+            time.sleep(0.01)
+        con.close()
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    return thread, stored
+
+
+def test_submit_can_wait_and_bring_the_result_inline(app: Flask, client: FlaskClient, logits_graph: str) -> None:
+    import base64
+    import hashlib
+
+    from storage import decode_results, result_message, verify_signature
+
+    key = new_key(app)
+    values = {"4": torch.arange(12.0).reshape(3, 4)}
+    thread, stored = end_when_queued(app, key, values)
+    start = time.monotonic()
+    r = client.post("/v1/jobs?wait=10&inline=1", json={"model": "tiny-gpt2", "graph": logits_graph},
+                    headers=key.headers)
+    elapsed = time.monotonic() - start
+    thread.join()
+    assert r.status_code == 202 and elapsed < 5, (r.get_json(), elapsed)
+    job = r.get_json()
+    assert r.headers["Location"] == f"/v1/jobs/{job['id']}" and job["status"] == "COMPLETED"
+    data = base64.b64decode(job["result"]["data"], validate=True)
+    assert data == stored[0] and hashlib.sha256(data).hexdigest() == job["result"]["sha256"]
+    public = client.get("/v1/public-key").get_json()["public_key"]
+    verify_signature(public, result_message(job["id"], job["result"]["sha256"]), job["result"]["signature"])
+    assert torch.equal(decode_results(data)["4"], values["4"])
+    again = client.get(f"/v1/jobs/{job['id']}?inline=1", headers=key.headers).get_json()
+    assert again["result"]["data"] == job["result"]["data"]
+    assert "data" not in client.get(f"/v1/jobs/{job['id']}", headers=key.headers).get_json()["result"]
+
+
+def test_a_submit_wait_that_runs_out_answers_the_queued_job(app: Flask, client: FlaskClient,
+                                                            logits_graph: str) -> None:
+    key = new_key(app)
+    start = time.monotonic()
+    r = client.post("/v1/jobs?wait=0.3&inline=1", json={"model": "tiny-gpt2", "graph": logits_graph},
+                    headers=key.headers)
+    assert r.status_code == 202 and r.get_json()["status"] == "QUEUED"
+    assert 0.28 <= time.monotonic() - start < 1.5
+
+
+@pytest.mark.parametrize("query", ["wait=-1", "wait=nan", "wait=soon", "inline=yes", "inline=2", "wait=1&inline="])
+def test_bad_submit_parameters_are_400_before_anything_is_queued(app: Flask, client: FlaskClient,
+                                                                 logits_graph: str, query: str) -> None:
+    key = new_key(app)
+    r = client.post(f"/v1/jobs?{query}", json={"model": "tiny-gpt2", "graph": logits_graph}, headers=key.headers)
+    assert (r.status_code, error_of(r)["code"]) == (400, "bad_request")
+    import sqlite3
+
+    con = sqlite3.connect(services(app).config.db_path)
+    assert con.execute("SELECT COUNT(*) FROM jobs WHERE key_id = ?", (key.record.id,)).fetchone()[0] == 0
+    con.close()
+
+
+def test_inline_skips_results_over_the_limit_and_unreadable_ones(published: Path, logits_graph: str) -> None:
+    from sandbox_server.config import JobsConfig
+
+    app = create_app(make_config(published, jobs=JobsConfig(inline_result_bytes=400)))
+    key, client = new_key(app), app.test_client()
+    small, large, gone = (submit(client, key, logits_graph).get_json()["id"] for _ in range(3))
+    assert len(finish_with_result(app, small, {"1": torch.zeros(2)})) <= 400
+    assert len(finish_with_result(app, large, {"1": torch.zeros(200)})) > 400
+    finish_with_result(app, gone, {"1": torch.zeros(2)})
+    record = services(app).db.get_job(gone)
+    assert record is not None and record.result is not None
+    services(app).store.delete(record.result.key)     # the store lost it: the answer still works, without data
+    views = {j: client.get(f"/v1/jobs/{j}?inline=1", headers=key.headers).get_json()["result"]
+             for j in (small, large, gone)}
+    assert "data" in views[small] and "data" not in views[large] and "data" not in views[gone]
+    assert all(v["url"] == f"/v1/jobs/{j}/result" for j, v in views.items())

@@ -20,7 +20,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from .types import JobRecord, JobStatus, KeyRecord, ResultInfo, WorkerRecord
+from .types import JobEnd, JobRecord, JobStatus, KeyRecord, ResultInfo, WorkerRecord
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS keys (
@@ -199,15 +199,25 @@ class Database:
     def finish_job(self, job_id: str, status: str, *, error: dict[str, Any] | None = None,
                    result: ResultInfo | None = None, now: float | None = None) -> bool:
         """End a RUNNING (or QUEUED) job; False if it had already ended (e.g. cancelled meanwhile)."""
+        return bool(self.finish_jobs([JobEnd(job_id, status, error, result)], now))
+
+    def finish_jobs(self, ends: Sequence[JobEnd], now: float | None = None) -> list[str]:
+        """End several jobs in one transaction (a co-batch); the ids that were still RUNNING or QUEUED."""
+        finished = now or time.time()
+        ended: list[str] = []
         with self._tx() as con:
-            cur = con.execute(
-                "UPDATE jobs SET status = ?, finished = ?, error = ?, result_key = ?, sha256 = ?, signature = ?, "
-                "size = ?, expires = ?, request = NULL WHERE id = ? AND status IN (?, ?)",
-                (status, now or time.time(), json.dumps(error) if error else None,
-                 result.key if result else None, result.sha256 if result else None,
-                 result.signature if result else None, result.size if result else None,
-                 result.expires if result else None, job_id, JobStatus.QUEUED, JobStatus.RUNNING))
-            return cur.rowcount > 0
+            for end in ends:
+                result = end.result
+                cur = con.execute(
+                    "UPDATE jobs SET status = ?, finished = ?, error = ?, result_key = ?, sha256 = ?, signature = ?, "
+                    "size = ?, expires = ?, request = NULL WHERE id = ? AND status IN (?, ?)",
+                    (end.status, finished, json.dumps(end.error) if end.error else None,
+                     result.key if result else None, result.sha256 if result else None,
+                     result.signature if result else None, result.size if result else None,
+                     result.expires if result else None, end.job_id, JobStatus.QUEUED, JobStatus.RUNNING))
+                if cur.rowcount > 0:
+                    ended.append(end.job_id)
+        return ended
 
     def request_cancel(self, job_id: str, now: float | None = None) -> JobRecord | None:
         """QUEUED -> CANCELLED at once; RUNNING -> cancel_requested (the worker stops it). Returns the job."""

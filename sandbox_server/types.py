@@ -51,6 +51,16 @@ class ResultInfo:
 
 
 @dataclass(frozen=True)
+class JobEnd:
+    """How a job ended, as its worker records it: the status and the error or the stored result."""
+
+    job_id: str
+    status: str
+    error: dict[str, Any] | None = None
+    result: ResultInfo | None = None
+
+
+@dataclass(frozen=True)
 class JobRecord:
     """One job row. ``error`` is {"code", "message", "node", "source"} when it ended ERROR."""
 

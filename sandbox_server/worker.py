@@ -51,7 +51,7 @@ from .runtime import (
     keep_freed_memory,
     release_free_memory,
 )
-from .types import JobRecord, JobStatus, ResultInfo
+from .types import JobEnd, JobRecord, JobStatus, ResultInfo
 from .wake import bind_wake_socket, wait_for_wake
 
 WAIT_S = 0.2             # longest sleep between claims when no datagram arrives
@@ -234,38 +234,35 @@ class ModelWorker:
                 if not cancelled:
                     alone.extend(pending)
                     return ended
-                for job in pending:
-                    if job.id in cancelled:
-                        ended[job.id] = self._finish(job, error=exc)
+                ends = [self._outcome(job, error=exc) for job in pending if job.id in cancelled]
+                ended.update(self._end_all(ends))
                 pending = [job for job in pending if job.id not in cancelled]
                 continue
             finally:
                 self._check_model()
+            ends = []
             for k, job in enumerate(pending):
                 if k in run.results:
-                    ended[job.id] = self._finish(job, values=run.results[k])
+                    ends.append(self._outcome(job, values=run.results[k]))
                 else:
                     alone.append(job)
+            ended.update(self._end_all(ends))
             return ended
         alone.extend(pending)
         return ended
 
-    def _finish(self, job: JobRecord, values: dict[int, Any] | None = None,
-                error: BaseException | None = None) -> str:
-        """End one job of a co-batch: store its own values (encoded, signed, size-checked) or report ``error``."""
-        status, result, report = JobStatus.COMPLETED, None, None
+    def _outcome(self, job: JobRecord, values: dict[int, Any] | None = None,
+                 error: BaseException | None = None) -> JobEnd:
+        """How one job of a co-batch ends: its own values stored (encoded, signed, size-checked), or ``error``."""
         try:
             if error is not None:
                 raise error
-            result = self._encode_and_store(job.id, values or {})
+            return JobEnd(job.id, JobStatus.COMPLETED, result=self._encode_and_store(job.id, values or {}))
         except BaseException as exc:
             if isinstance(exc, (KeyboardInterrupt, SystemExit)):
                 raise
             report = describe_error(exc, self.config.jobs.timeout_s, self.config.jobs.worker_memory_mb)
-            status = JobStatus.CANCELLED if report["code"] == "cancelled" else JobStatus.ERROR
-        self._end(job.id, status, report, result)
-        self._record_param_hash(job.id)
-        return status
+            return JobEnd(job.id, JobStatus.CANCELLED if report["code"] == "cancelled" else JobStatus.ERROR, report)
 
     # ----- one job ---------------------------------------------------------------------------
     def run_job(self, job: JobRecord) -> str:
@@ -285,16 +282,23 @@ class ModelWorker:
             status = JobStatus.CANCELLED if error["code"] == "cancelled" else JobStatus.ERROR
         finally:
             self._check_model()
-        self._end(job.id, status, error, result)
-        self._record_param_hash(job.id)
+        self._end_all([JobEnd(job.id, status, error, result)])
         return status
 
-    def _end(self, job_id: str, status: str, error: dict[str, Any] | None, result: ResultInfo | None) -> None:
-        """Record the job's end and announce it to the web tier's long polls."""
-        if self.db.finish_job(job_id, status, error=error, result=result):
-            announce(self.config.web_socket_dir, [job_id])
-        elif result is not None:
-            self.store.delete(result.key)   # the supervisor ended the job meanwhile: nobody will fetch this
+    def _end_all(self, ends: list[JobEnd]) -> dict[str, str]:
+        """Record the jobs' ends in one transaction, then announce them to the web tier's long polls at once.
+
+        A co-batch's jobs end together: while they were announced one by one, their users' next requests
+        took the CPU from the worker still storing the others' results (the last result came 2-3x later)."""
+        if not ends:
+            return {}
+        ended = set(self.db.finish_jobs(ends))
+        announce(self.config.web_socket_dir, [end.job_id for end in ends if end.job_id in ended])
+        for end in ends:
+            if end.job_id not in ended and end.result is not None:
+                self.store.delete(end.result.key)   # the supervisor ended the job meanwhile: nobody will fetch this
+            self._record_param_hash(end.job_id)
+        return {end.job_id: end.status for end in ends}
 
     def _execute(self, job: JobRecord, timeout: float) -> ResultInfo:
         checked = validate(self.db.job_request(job.id), self.spec, self.config.limits)

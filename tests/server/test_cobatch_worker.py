@@ -124,6 +124,50 @@ def test_a_failing_job_in_a_batch_of_8_leaves_the_others_correct(worker: ModelWo
             assert_same_values(fetched(worker, job), run_locally(gpt2, graph.to_json()))
 
 
+def test_a_batch_ends_in_one_announcement_after_every_result_is_recorded(worker: ModelWorker,
+                                                                        gpt2: sc.LanguageModel) -> None:
+    """The web tier hears of a co-batch's jobs once, when all of them are COMPLETED in the database: users
+    woken one by one would take the CPU from the worker still storing the other results."""
+    import socket
+
+    from sandbox_server.wake import socket_address
+
+    folder = worker.config.web_socket_dir
+    folder.mkdir(parents=True, exist_ok=True)
+    heard: list[tuple[list[str], list[str]]] = []      # (ids in one datagram, their statuses when it came)
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as listener:
+        with socket_address(folder / "test-web.sock") as address:
+            listener.bind(address)
+        listener.settimeout(5)
+
+        def listen() -> None:
+            ids_ = listener.recv(65536).decode().split()
+            records = [worker.db.get_job(i) for i in ids_]
+            heard.append((ids_, [r.status if r else "missing" for r in records]))
+        thread = threading.Thread(target=listen)
+        thread.start()
+        jobs = [submit(worker, trace(gpt2, edit_and_read, ids(60 + i)), key=f"user{i}") for i in range(5)]
+        assert worker.run_queued() == 5
+        thread.join()
+        with pytest.raises(TimeoutError):
+            listener.settimeout(0.2)
+            listener.recv(65536)                            # nothing more: one datagram for the batch
+    (folder / "test-web.sock").unlink()
+    assert len(heard) == 1 and sorted(heard[0][0]) == sorted(j.id for j in jobs)   # claimed in fair order
+    assert heard[0][1] == [JobStatus.COMPLETED] * 5
+
+
+def test_finish_jobs_ends_only_jobs_still_running(worker: ModelWorker, gpt2: sc.LanguageModel) -> None:
+    from sandbox_server.types import JobEnd
+
+    jobs = [submit(worker, "{}", key=f"f{i}") for i in range(3)]
+    assert worker.db.finish_job(jobs[1].id, JobStatus.CANCELLED)          # e.g. cancelled while queued
+    ends = [JobEnd(j.id, JobStatus.ERROR, {"code": "x", "message": "m", "node": None, "source": ""}) for j in jobs]
+    assert worker.db.finish_jobs(ends) == [jobs[0].id, jobs[2].id]
+    assert [ended(worker, j).status for j in jobs] == [JobStatus.ERROR, JobStatus.CANCELLED, JobStatus.ERROR]
+    assert worker.db.finish_jobs(ends) == []
+
+
 def test_an_invalid_job_in_a_batch_ends_error_and_the_rest_merge(worker: ModelWorker, gpt2: sc.LanguageModel,
                                                                   spy: dict[str, list[Any]]) -> None:
     good = trace(gpt2, edit_and_read, ids(40)).to_json()

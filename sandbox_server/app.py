@@ -9,7 +9,9 @@ answer in ``errors`` (JSON, never an HTML page).
 """
 from __future__ import annotations
 
+import json
 import math
+import secrets
 import threading
 from dataclasses import dataclass, field
 from typing import Any
@@ -81,7 +83,7 @@ def post_job() -> tuple[Response, int, dict[str, str]]:
     if wait > 0:
         job = submission.wait_for_job(s.db, job, wait, s.ends)
     view = submission.job_view(job, s.db, s.store, s.config, inline=inline)
-    return jsonify(view), 202, {"Location": f"/v1/jobs/{job.id}"}
+    return _job_json(view), 202, {"Location": f"/v1/jobs/{job.id}"}
 
 
 @api.get("/v1/jobs/<job_id>")
@@ -91,7 +93,7 @@ def get_job(job_id: str) -> Response:
     wait, inline = _wait_seconds(s.config), _inline()
     if wait > 0:
         job = submission.wait_for_job(s.db, job, wait, s.ends)
-    return jsonify(submission.job_view(job, s.db, s.store, s.config, inline=inline))
+    return _job_json(submission.job_view(job, s.db, s.store, s.config, inline=inline))
 
 
 @api.get("/v1/jobs/<job_id>/result")
@@ -182,6 +184,19 @@ def _services() -> Services:
 
 def _key() -> KeyRecord:
     return authenticate(request.headers.get("Authorization"), _services().db)
+
+
+def _job_json(view: dict[str, Any]) -> Response:
+    """The Job as JSON. An inline result's base64 is spliced into the text instead of passing through the
+    encoder, which scans a string character by character for escapes (1 ms per 270 KB, on every long poll
+    of a co-batch's users in turn); base64 has nothing to escape."""
+    result = view.get("result")
+    if not isinstance(result, dict) or not isinstance(result.get("data"), str):
+        return jsonify(view)
+    data = result["data"]
+    marker = secrets.token_hex(16)           # cannot occur in the rest of the view by chance
+    text = json.dumps({**view, "result": {**result, "data": marker}}, separators=(",", ":"))
+    return Response(text.replace(f'"{marker}"', f'"{data}"', 1) + "\n", mimetype="application/json")
 
 
 def _inline() -> bool:

@@ -140,12 +140,9 @@ class RemoteModel(LanguageModel):
     def _submit(self, graph: Graph, wait: bool) -> RemoteJob:
         """POST the job; with ``wait`` the same request waits for it to end (``?wait=``) and brings a small
         result along (``inline=1``): a short experiment takes one round trip instead of three."""
-        body = {"model": self._name, "graph": graph.to_json()}
-        if not wait:
-            return RemoteJob(self._api, self._api.post_json("/v1/jobs", body), lambda: self._public_key,
-                             verbose=self._verbose)
-        seconds = first_wait(self._verbose)
-        info = self._api.post_json("/v1/jobs", body, params={"wait": f"{seconds:.3f}", "inline": "1"},
+        seconds = first_wait(self._verbose) if wait else 0.0
+        params = {"wait": f"{seconds:.3f}", "inline": "1"} if wait else None
+        info = self._api.post_json("/v1/jobs", {"model": self._name, "graph": graph.to_json()}, params=params,
                                    read_timeout=seconds + READ_TIMEOUT)
         return RemoteJob(self._api, info, lambda: self._public_key, verbose=self._verbose)
 

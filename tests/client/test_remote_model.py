@@ -217,13 +217,8 @@ def test_cancel_a_queued_job(remote_models):
         tracer.job.wait(timeout=60)
 
 
-def test_tampered_result_is_refused_and_nothing_is_loaded(sandbox_server, remote_models):
-    server, _ = sandbox_server
-    remote = remote_models["gpt2"]
-    tracer = remote.trace(EIFFEL, blocking=False)
-    with tracer:
-        logits = remote.lm_head.output.save()
-    job = tracer.job
+def alter_once_completed(server: Any, job: sc.RemoteJob) -> None:
+    """Wait until ``job`` is COMPLETED, then flip one byte of its stored result."""
     deadline = time.monotonic() + 60
     while job.refresh(wait=5)["status"] != "COMPLETED":
         assert time.monotonic() < deadline
@@ -231,6 +226,15 @@ def test_tampered_result_is_refused_and_nothing_is_loaded(sandbox_server, remote
     data = bytearray(blob.read_bytes())
     data[len(data) // 2] ^= 0xFF
     blob.write_bytes(bytes(data))
+
+
+def test_tampered_result_is_refused_and_nothing_is_loaded(sandbox_server, remote_models):
+    server, _ = sandbox_server
+    remote = remote_models["gpt2"]
+    tracer = remote.trace(EIFFEL, blocking=False)
+    with tracer:
+        logits = remote.lm_head.output.save()
+    alter_once_completed(server, tracer.job)
     with pytest.raises(sc.ResultVerificationError) as info:
         _ = logits.value
     assert info.value.code == "sha256_mismatch" and "nothing was loaded" in str(info.value)
@@ -242,15 +246,8 @@ def test_a_tampered_inline_result_is_refused_too(sandbox_server, remote_models):
     tracer = remote.trace(EIFFEL, blocking=False)
     with tracer:
         h = remote.lm_head.output[:, -1].save()
-    job = tracer.job
-    deadline = time.monotonic() + 60
-    while job.refresh(wait=5)["status"] != "COMPLETED":
-        assert time.monotonic() < deadline
-    blob = stored_blob(Path(server.data_dir), job.info["result"]["sha256"])
-    data = bytearray(blob.read_bytes())
-    data[len(data) // 2] ^= 0xFF
-    blob.write_bytes(bytes(data))
-    assert "data" in job.refresh(inline=True)["result"]       # the server now inlines the altered bytes
+    alter_once_completed(server, tracer.job)
+    assert "data" in tracer.job.refresh(inline=True)["result"]       # the server now inlines the altered bytes
     with pytest.raises(sc.ResultVerificationError) as info:
         _ = h.value
     assert info.value.code == "sha256_mismatch"

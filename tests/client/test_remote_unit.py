@@ -11,9 +11,7 @@ import base64
 import hashlib
 import json
 import os
-import socket
 import threading
-import time
 from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -28,7 +26,7 @@ import sandbox_client as sc
 import storage
 from sandbox_client.graph import Graph
 from sandbox_client.model import probe_output_lengths
-from sandbox_client.remote.api import ApiClient, error_from_response, normalize_host
+from sandbox_client.remote.api import error_from_response
 from sandbox_client.remote.job import RemoteJob, job_error
 from sandbox_client.remote.pins import CONFIG_ENV
 from sandbox_client.remote.results import verified_values
@@ -124,22 +122,6 @@ def test_rate_limit_has_retry_after_and_non_json_has_a_code():
     assert isinstance(err, sc.RateLimitError) and err.retry_after == 7.0 and err.code == "quota_exceeded"
     plain = error_from_response(502, None)
     assert type(plain) is sc.RemoteError and plain.code == "http_502" and "502" in plain.message
-
-
-def test_unreachable_server_says_so():
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    with pytest.raises(sc.RemoteError, match="is the server running") as info:
-        ApiClient(f"http://127.0.0.1:{port}", "isk_x").get_json("/v1/models")
-    assert info.value.code == "connection"
-
-
-def test_normalize_host():
-    assert normalize_host("HTTP://Example.ORG:8000/") == "http://example.org:8000"
-    assert normalize_host("127.0.0.1:8000") == "http://127.0.0.1:8000"
-    with pytest.raises(sc.RemoteError, match="http"):
-        normalize_host("ftp://x")
 
 
 # ----- tokenizer files ---------------------------------------------------------------------------------
@@ -426,47 +408,3 @@ def test_bad_key_and_pin_mismatch_at_connect(fake, tmp_path, monkeypatch):
     monkeypatch.setenv("SANDBOX_API_KEY", fake.key)
     os.remove(tmp_path / "known_servers")
     assert sc.RemoteModel("tiny-llama", verbose=False).info["name"] == "tiny-llama"
-
-
-# ----- kept-alive connections ----------------------------------------------------------------------
-class _CountingHandler(BaseHTTPRequestHandler):
-    """HTTP/1.1 with keep-alive: answers every POST with {} and counts the connections it accepted."""
-
-    protocol_version = "HTTP/1.1"
-    connections: list[int] = []
-
-    def setup(self) -> None:
-        super().setup()
-        self.connections.append(1)
-
-    def do_POST(self) -> None:  # noqa: N802 (http.server's naming)
-        self.rfile.read(int(self.headers.get("Content-Length") or 0))
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", "2")
-        self.end_headers()
-        self.wfile.write(b"{}")
-
-    def log_message(self, *args: Any) -> None:
-        pass
-
-
-def test_a_connection_idle_past_pool_idle_s_is_replaced_before_the_next_request(
-        monkeypatch: pytest.MonkeyPatch) -> None:
-    # gunicorn closes a connection idle 5 s; one reused just as it closes fails, so the client opens a new one
-    import sandbox_client.remote.api as api_module
-
-    monkeypatch.setattr(api_module, "POOL_IDLE_S", 0.3)
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _CountingHandler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    _CountingHandler.connections = []
-    try:
-        api = ApiClient(f"http://127.0.0.1:{server.server_address[1]}", "k")
-        for pause in (0.0, 0.05, 0.05, 0.5, 0.0):
-            time.sleep(pause)
-            assert api.post_json("/v1/jobs", {"n": 1}) == {}
-        assert len(_CountingHandler.connections) == 2           # kept alive, except after the 0.5 s pause
-        api.close()
-    finally:
-        server.shutdown()
-        server.server_close()

@@ -18,8 +18,9 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
 
 import sandbox_client as sc
+from sandbox_client.interpreter import DryRun, ShapeTemplate, meta_copy, validate_and_dry_run
 from sandbox_client.pretrained import smollm2_folder
-from validator import DryRun, ModelSpec, ShapeTemplate, meta_copy, validate
+from validator import ModelSpec, validate
 
 
 def median_ms(fn: Callable[[], Any], rounds: int) -> float:
@@ -41,7 +42,7 @@ def thousand_node_graph(lm: sc.LanguageModel, ids: torch.Tensor) -> sc.Graph:
         h = (h * 0.5 + lm.model.layers[layer % 30].output).softmax(-1)
         layer += 1
     h.save()
-    lm._end(tracer)
+    lm.close_trace(tracer)
     return tracer.graph
 
 
@@ -50,7 +51,7 @@ def typical_graph(lm: sc.LanguageModel, ids: torch.Tensor) -> sc.Graph:
     tracer.__enter__()
     for i in range(30):   # per-layer logit lens at the last token: 30 ad hoc norm + lm_head calls
         lm.lm_head(lm.model.norm(lm.model.layers[i].output[:, -1])).softmax(-1).save()
-    lm._end(tracer)
+    lm.close_trace(tracer)
     return tracer.graph
 
 
@@ -90,7 +91,7 @@ def main() -> None:
     rows = [
         ("static rules, 1,000 nodes (parsed Graph)", median_ms(lambda: validate(big, spec), args.rounds * 5), 2.0),
         ("parse + static rules, 1,000 nodes (JSON)", median_ms(lambda: validate(big_json, spec), args.rounds), None),
-        ("static rules + dry run, 30-layer logit lens", median_ms(lambda: validate(typical, spec, dry=dry),
+        ("static rules + dry run, 30-layer logit lens", median_ms(lambda: validate_and_dry_run(typical, spec, dry=dry),
                                                                     args.rounds), 50.0),
         ("baseline: whole forward on meta device", median_ms(meta_forward, max(args.rounds // 3, 5)), None),
         ("baseline: whole forward, FakeTensorMode + mask", median_ms(fake_forward, max(args.rounds // 6, 3)), None),

@@ -12,21 +12,20 @@ with the nearest valid names. Parameters and buffers read as values (never writa
 from __future__ import annotations
 
 import difflib
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from torch import nn
 
 from .errors import ModulePathError, TraceError
-from .proxy import Proxy
+from .proxy import Proxy, Recorder
 
-if TYPE_CHECKING:
-    from .model import Model
-    from .tracer import Tracer
 
 class Envoy:
     """A module at ``path`` (dotted, '' for the root) of the wrapped model."""
 
-    def __init__(self, module: nn.Module, path: str, root: Model | None) -> None:
+    _active: Recorder | None = None   # on the root: the trace being recorded, if any
+
+    def __init__(self, module: nn.Module, path: str, root: Envoy | None) -> None:
         object.__setattr__(self, "_module", module)
         object.__setattr__(self, "_path", path)
         object.__setattr__(self, "_root", root)
@@ -84,10 +83,10 @@ class Envoy:
     def _label(self) -> str:
         return repr(self._path) if self._path else "the model"
 
-    def _root_model(self) -> Model:
-        return self._root if self._root is not None else self  # type: ignore[return-value]
+    def _root_model(self) -> Envoy:
+        return self._root if self._root is not None else self
 
-    def _tracer(self) -> Tracer:
+    def _tracer(self) -> Recorder:
         tracer = self._root_model()._active
         if tracer is None:
             raise TraceError(f"{self._label()}: module values exist only inside `with model.trace(...)`")

@@ -15,130 +15,88 @@ from typing import Any
 import torch
 from torch import nn
 
+from .backends import LocalBackend, ScanBackend
 from .errors import TraceError
-from .graph import Graph, Invoke, Ref
-from .inputs import TokenBatch, pad_left, token_rows, unpadded_ids
-from .interpreter.executor import Executor
-from .interpreter.run import Batch, device_of, run_graph
+from .interpreter.runner import LanguageModelRunner
+from .interpreter.shapes import ShapeTemplate, meta_copy
 from .model import Model
-from .order import check_graph
 from .tracer import Tracer
-
-_GENERATE_DEFAULTS = {"do_sample": False}
+from .types import Backend
 
 
 class LanguageModel(Model):
-    """A Hugging Face causal LM (object or local folder) with its tokenizer."""
+    """A Hugging Face causal LM (object or local folder) with its tokenizer.
 
-    def __init__(self, model: nn.Module | str | Path, tokenizer: Any = None, **load_kwargs: Any) -> None:
+    ``served_as="smollm2-135m"`` names the same model on a server, for ``trace(..., remote=True)``
+    (``host``/``api_key`` or the environment's ``SANDBOX_HOST``/``SANDBOX_API_KEY``)."""
+
+    def __init__(self, model: nn.Module | str | Path, tokenizer: Any = None, *, served_as: str | None = None,
+                 host: str | None = None, api_key: str | None = None, **load_kwargs: Any) -> None:
         if isinstance(model, (str, Path)):
             model, tokenizer = _load_folder(Path(model), tokenizer, load_kwargs)
-        super().__init__(model)
-        self._tokenizer = tokenizer
-        self._shapes: tuple[Any, nn.Module] | None = None
+        elif load_kwargs:
+            raise TypeError(f"LanguageModel got unknown keyword(s) {sorted(load_kwargs)}: loading options apply "
+                            "only when the model is given as a folder")
+        super().__init__(model, LanguageModelRunner(model, tokenizer))
+        self._served = (served_as, host, api_key)
+        self._session: Any = None
+        self._shapes: tuple[ShapeTemplate, nn.Module] | None = None
+
+    runner: LanguageModelRunner
 
     @property
     def tokenizer(self) -> Any:
-        return self._tokenizer
+        return self.runner.tokenizer
 
-    def generate(self, *args: Any, max_new_tokens: int = 20, **kwargs: Any) -> Tracer:
-        """Record interventions over a greedy generation of ``max_new_tokens`` tokens."""
+    def trace(self, *args: Any, backend: Backend | None = None, remote: bool | None = None,
+              blocking: bool = True, **kwargs: Any) -> Tracer:
+        """Record interventions for one forward. ``remote=True`` runs it on the server (``blocking=False``:
+        the block ends at once and ``tracer.job`` follows the job); ``backend`` overrides both."""
+        return Tracer(self, "trace", args, kwargs, backend=backend or self._backend(remote, blocking))
+
+    def generate(self, *args: Any, max_new_tokens: int = 20, backend: Backend | None = None,
+                 remote: bool | None = None, blocking: bool = True, **kwargs: Any) -> Tracer:
+        """Record interventions over a greedy generation of ``max_new_tokens`` tokens (``remote`` as for trace)."""
         options = {"max_new_tokens": int(max_new_tokens), **kwargs}
-        return Tracer(self, "generate", args, {}, options=options)
+        return Tracer(self, "generate", args, {}, options=options,
+                      backend=backend or self._backend(remote, blocking))
 
-    def _run_graph(self, graph: Graph) -> dict[int, Any]:
-        check_graph(graph, self._module_names)
-        batch_tokens, rows = self._tokens(graph.invokes)
-        if graph.kind == "generate":
-            batch = self._generate_batch(graph, batch_tokens, rows)
-            return run_graph(graph, self._module, batch, _deliver_result, modules=self._modules_by_path)
-        batch = self._trace_batch(graph, batch_tokens, rows)
-        return run_graph(graph, self._module, batch, modules=self._modules_by_path)
+    def scan_backend(self) -> Backend:
+        return ScanBackend(self.runner, self.shape_model)
 
-    def _scan_graph(self, graph: Graph) -> dict[int, Any]:
-        """Shapes without running: replay the model's shape template with the graph's nodes on meta tensors."""
-        from validator.shapes import dry_run  # the shape template lives with the validator's dry run
-
-        check_graph(graph, self._module_names)
-        tokens, rows = self._tokens(graph.invokes)
-        batch, seq = tokens.input_ids.shape
-        values = dry_run(graph, *self._shape_model(), batch=int(batch), seq=int(seq), rows=rows)
-        saved = {a.id for n in graph.nodes if n.op == "save" for a in n.args if isinstance(a, Ref)}
-        return {i: values[i] for i in saved if i in values and i >= 0}
-
-    def _shape_model(self) -> tuple[Any, nn.Module]:
+    def shape_model(self) -> tuple[ShapeTemplate, nn.Module]:
+        """The model's shape template and a meta copy (built once), for scans and dry runs."""
         if self._shapes is None:
-            from validator.shapes import ShapeTemplate, meta_copy
-
             vocab = int(getattr(getattr(self._module, "config", None), "vocab_size", 2) or 2)
             template = ShapeTemplate.probe(
                 self._module, lambda b, t: {"input_ids": torch.randint(0, vocab, (b, t))})
             self._shapes = (template, meta_copy(self._module))
         return self._shapes
 
-    def _tokens(self, invokes: list[Invoke]) -> tuple[TokenBatch, list[slice | None]]:
-        if len(invokes) == 1 and len(invokes[0].args) == 1:
-            whole = unpadded_ids(invokes[0].args[0])
-            if whole is not None:
-                return whole, [None]
-        all_rows: list[tuple[list[int], list[int]]] = []
-        rows: list[slice | None] = []
-        for inv in invokes:
-            if len(inv.args) != 1:
-                raise TraceError("a language-model invoke takes exactly one input (a prompt, ids, or a dict)")
-            inv_rows = token_rows(inv.args[0], self._tokenizer)
-            rows.append(slice(len(all_rows), len(all_rows) + len(inv_rows)))
-            all_rows.extend(inv_rows)
-        if len(rows) == 1:
-            rows = [None]
-        return pad_left(all_rows, self._pad_id()), rows
+    def _backend(self, remote: bool | None, blocking: bool) -> Backend:
+        if not (self.remote_default if remote is None else remote):
+            if not blocking:
+                raise TraceError("blocking=False applies to remote runs only (remote=True)")
+            return LocalBackend(self.runner)
+        from .remote.backend import RemoteBackend
 
-    def _trace_batch(self, graph: Graph, tokens: TokenBatch, rows: list[slice | None]) -> Batch:
-        extra = _call_kwargs(graph.invokes)
-        kwargs: dict[str, Any] = {"input_ids": tokens.input_ids, **extra}
-        if tokens.padded:
-            kwargs.update(attention_mask=tokens.attention_mask, position_ids=tokens.position_ids)
-        device = device_of(self._module)   # token ids are built on the CPU; the model may live on a GPU
-        kwargs = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
-        module = self._module
-        return Batch(call=lambda: module(**kwargs), rows=rows, size=tokens.input_ids.shape[0])
+        return RemoteBackend(self.remote_session(), blocking=blocking, check=self.runner.check)
 
-    def _generate_batch(self, graph: Graph, tokens: TokenBatch, rows: list[slice | None]) -> Batch:
-        options = {**_GENERATE_DEFAULTS, **graph.options}
-        module: Any = self._module
-        pad = self._pad_id()
+    remote_default = False   # RemoteModel: True
 
-        device = device_of(module)
+    def remote_session(self) -> Any:
+        """The server connection for ``remote=True`` (made on first use, checked against this model's modules)."""
+        if self._session is None:
+            from .remote.session import RemoteSession
 
-        def call() -> Any:
-            return module.generate(input_ids=tokens.input_ids.to(device), attention_mask=tokens.mask().to(device),
-                                   pad_token_id=pad, **options)
-        return Batch(call=call, rows=rows, size=tokens.input_ids.shape[0])
-
-    def _probe_batch(self, invokes: list[Invoke]) -> Batch:
-        tokens, rows = self._tokens(invokes)
-        return self._trace_batch(Graph(invokes=invokes), tokens, rows)
-
-    def _pad_id(self) -> int:
-        tok = self._tokenizer
-        for candidate in (getattr(tok, "pad_token_id", None), getattr(tok, "eos_token_id", None),
-                          getattr(getattr(self._module, "config", None), "pad_token_id", None),
-                          getattr(getattr(self._module, "config", None), "eos_token_id", None)):
-            if isinstance(candidate, int):
-                return candidate
-        return 0
-
-
-def _deliver_result(executor: Executor, output: Any) -> None:
-    sequences = getattr(output, "sequences", output)
-    executor.fire("", "result", sequences, step="all")
-
-
-def _call_kwargs(invokes: list[Invoke]) -> dict[str, Any]:
-    first = invokes[0].kwargs
-    if any(inv.kwargs.keys() != first.keys() for inv in invokes[1:]):
-        raise TraceError("keyword options must be the same for every invoke of a trace")
-    return dict(first)
+            name, host, api_key = self._served
+            if name is None:
+                raise TraceError("remote=True needs the model's name on the server: "
+                                "sc.LanguageModel(..., served_as='smollm2-135m'), or use sc.RemoteModel")
+            session = RemoteSession.connect(name, host, api_key)
+            session.check_same_modules(self.runner.module_names)
+            self._session = session
+        return self._session
 
 
 def _load_folder(folder: Path, tokenizer: Any, load_kwargs: dict[str, Any]) -> tuple[nn.Module, Any]:

@@ -14,25 +14,50 @@ from __future__ import annotations
 
 import operator
 from collections.abc import Callable, Iterator
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from .errors import TraceError, ValueNotReadyError
-from .targets import TENSOR_DUNDERS, target_name, tensor_method
+from .interpreter.targets import TENSOR_DUNDERS, target_name, tensor_method
 
 if TYPE_CHECKING:
-    from .tracer import Tracer
+    from .graph import Node
 
 _OWN = frozenset({"_tracer", "_id"})
+
+
+class Recorder(Protocol):
+    """What proxies and envoys record into (a ``Tracer``)."""
+
+    nodes: list[Node]
+
+    def record(self, op: str, target: str | None, args: tuple[Any, ...],
+               kwargs: dict[str, Any] | None = None, *, after: tuple[int, ...] = ()) -> Proxy: ...
+
+    def record_event(self, op: str, path: str, args: tuple[Any, ...] = ()) -> Proxy: ...
+
+    def record_mutation(self, op: str, target: str | None, args: tuple[Any, ...], mutated: Proxy) -> Proxy: ...
+
+    def record_method(self, name: str, obj: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Proxy: ...
+
+    def record_call(self, callee: Proxy, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Proxy: ...
+
+    def record_grad(self, proxy: Proxy) -> Proxy: ...
+
+    def record_set_grad(self, proxy: Proxy, value: Any) -> None: ...
+
+    def length_of(self, proxy: Proxy) -> int: ...
+
+    def result_of(self, node_id: int) -> Any: ...
 
 
 class Proxy:
     """A recorded value: node ``_id`` of ``_tracer``'s graph."""
 
     __slots__ = ("_tracer", "_id")
-    _tracer: Tracer
+    _tracer: Recorder
     _id: int
 
-    def __init__(self, tracer: Tracer, node_id: int) -> None:
+    def __init__(self, tracer: Recorder, node_id: int) -> None:
         object.__setattr__(self, "_tracer", tracer)
         object.__setattr__(self, "_id", node_id)
 
@@ -120,7 +145,7 @@ class Proxy:
         raise TraceError(f"torch function {getattr(func, '__qualname__', func)!r} cannot be used on traced values")
 
 
-def _find_tracer(args: Any, kwargs: dict[str, Any]) -> Tracer:
+def _find_tracer(args: Any, kwargs: dict[str, Any]) -> Recorder:
     stack: list[Any] = [args, kwargs]
     while stack:
         item = stack.pop()

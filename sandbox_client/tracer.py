@@ -7,27 +7,26 @@
             lm.model.layers[8].output[:, -1] = clean
             logits = lm.output.logits.save()
 
-Nothing runs inside the block. On exit the graph is checked (module paths, time order)
-and handed to the model's runner; saved values are then available as ``proxy.value``.
+Nothing runs inside the block. On exit the finished graph goes to the trace's ``Backend``
+(``sandbox_client.types``): local execution, a server (``remote=True``), or a shape-only scan;
+saved values are then available as ``proxy.value``.
 """
 from __future__ import annotations
 
 import contextlib
 import contextvars
 from collections.abc import Iterator
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
 from .envoy import Envoy
 from .errors import TraceError, ValueNotReadyError
 from .graph import Graph, Invoke, Node, Ref, Step
+from .interpreter.targets import tensor_method
 from .proxy import Proxy
 from .sourceinfo import user_source
-from .targets import tensor_method
-
-if TYPE_CHECKING:
-    from .model import Model
+from .types import Backend, Results, TraceHost
 
 _ROUNDTRIP: contextvars.ContextVar[bool] = contextvars.ContextVar("sandbox_roundtrip", default=False)
 _CURRENT: contextvars.ContextVar[Tracer | None] = contextvars.ContextVar("sandbox_tracer", default=None)
@@ -53,12 +52,14 @@ def json_roundtrip() -> Iterator[None]:
 
 
 class Tracer:
-    """Records one trace or generation. Created by ``Model.trace`` / ``LanguageModel.generate``."""
+    """Records one trace or generation. Created by ``Model.trace`` / ``LanguageModel.generate``; on exit
+    ``backend.run(graph)`` runs it (a ``RemoteBackend`` leaves the server job in ``tracer.job``)."""
 
-    def __init__(self, model: Model, kind: str, args: tuple[Any, ...], kwargs: dict[str, Any],
-                 options: dict[str, Any] | None = None, scan: bool = False) -> None:
-        self.scan = scan
-        self.model: Model | None = model   # dropped after the run: kept results must not pin the model
+    def __init__(self, host: TraceHost, kind: str, args: tuple[Any, ...], kwargs: dict[str, Any],
+                 options: dict[str, Any] | None = None, *, backend: Backend) -> None:
+        self.host: TraceHost | None = host   # host and backend are dropped after the run: kept results
+        self.backend: Backend | None = backend   # must not pin the model
+        self.job: Any = None                 # a remote trace's RemoteJob (status, wait, cancel), once submitted
         self.kind = kind
         self.nodes: list[Node] = []
         self.invokes: list[Invoke] = []
@@ -67,7 +68,7 @@ class Tracer:
         self._step: Step = 0
         self._mutations: dict[int, int] = {}   # node id -> last node that mutated its value in place
         self._events_written: dict[tuple[str, str, Step, int | None], int] = {}
-        self._results: dict[int, Any] | None = None
+        self._results: Results | None = None
         self._failed: BaseException | None = None
         if args or kwargs:
             self.invokes.append(Invoke(tuple(_literal(a) for a in args), {k: _literal(v) for k, v in kwargs.items()}))
@@ -75,15 +76,15 @@ class Tracer:
 
     # ----- context -------------------------------------------------------------------------
     def __enter__(self) -> Tracer:
-        self._model()._begin(self)
+        self._host().open_trace(self)
         self._token = _CURRENT.set(self)
         return self
 
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
-        model = self._model()
-        model._end(self)
+        self._host().close_trace(self)
         _CURRENT.reset(self._token)
-        self.model = None
+        self.host = None
+        backend, self.backend = self.backend, None
         if exc_type is not None:
             self._failed = exc
             return
@@ -92,11 +93,14 @@ class Tracer:
         graph = self.graph
         if _ROUNDTRIP.get():
             graph = Graph.from_json(graph.to_json())
+        assert backend is not None
         try:
-            self._results = model._scan_graph(graph) if self.scan else model._run_graph(graph)
+            self._results = backend.run(graph)
         except BaseException as err:
             self._failed = err
             raise
+        finally:
+            self.job = getattr(backend, "job", None)
 
     @property
     def graph(self) -> Graph:
@@ -222,7 +226,7 @@ class Tracer:
 
     def length_of(self, proxy: Proxy) -> int:
         """Length of a proxy's value, for tuple unpacking; known for module outputs and topk-like calls."""
-        length = self._model()._value_length(self.nodes[proxy._id])
+        length = self._host().value_length(self.nodes[proxy._id], self)
         if length is None:
             raise TraceError("cannot unpack this traced value: its length is unknown while recording; "
                              "index it explicitly (x[0], x[1])")
@@ -245,10 +249,10 @@ class Tracer:
             return slice(self._ref(value.start), self._ref(value.stop), self._ref(value.step))
         return _literal(value)
 
-    def _model(self) -> Model:
-        if self.model is None:
+    def _host(self) -> TraceHost:
+        if self.host is None:
             raise TraceError("this trace has already run; start a new `with model.trace(...)` block")
-        return self.model
+        return self.host
 
     def _check_open(self) -> None:
         if self._results is not None or self._failed is not None:

@@ -27,9 +27,9 @@ from typing import Any
 import torch
 from torch import nn
 
-import sandbox_client as sc
 from sandbox_client.errors import SandboxError
-from validator import DryRun, ValidatedGraph, ValidationError, dry_check, dry_run_key, validate
+from sandbox_client.interpreter import DryRun, LanguageModelRunner, dry_check, dry_run_key
+from validator import ValidatedGraph, ValidationError, validate
 
 from .config import ServerConfig
 from .db import Database
@@ -51,7 +51,7 @@ class _Runtime:
     """What validation needs of one model, built once per published info."""
 
     meta_model: nn.Module
-    lm: sc.LanguageModel              # over the meta model: used only to tokenize and batch invokes
+    runner: LanguageModelRunner       # over the meta model: used only to tokenize invokes as the worker does
     tokenizer_lock: threading.Lock    # Hugging Face fast tokenizers are not safe to share across threads
     passed: DryRunCache               # dry runs that passed, by ``dry_run_key``
 
@@ -155,7 +155,7 @@ class Catalog:
                 if info.info.get("tokenizer") and info.tokenizer_dir.is_dir() else None
         except (OSError, ValueError, KeyError, TypeError) as err:
             raise ModelNotReady(f"model {name}: cannot build its meta copy from {info.folder} ({err})") from None
-        runtime = _Runtime(meta_model=meta_model, lm=sc.LanguageModel(meta_model, tokenizer=tokenizer),
+        runtime = _Runtime(meta_model=meta_model, runner=LanguageModelRunner(meta_model, tokenizer),
                            tokenizer_lock=threading.Lock(), passed=DryRunCache())
         release_free_memory()        # building the copy frees much that malloc would otherwise keep
         return runtime
@@ -164,7 +164,7 @@ class Catalog:
         """The batch's sequence length and each invoke's rows, tokenized as the worker will."""
         try:
             with runtime.tokenizer_lock:
-                tokens, invoke_rows = runtime.lm._tokens(checked.graph.invokes)
+                tokens, invoke_rows = runtime.runner.tokens(checked.graph.invokes)
         except (SandboxError, ValueError, TypeError, RuntimeError) as err:
             message = getattr(err, "message", None) or str(err)
             raise ValidationError("input_invalid", f"the inputs cannot be tokenized: {message}") from None
@@ -183,7 +183,7 @@ class Catalog:
 
 
 class DryRunCache:
-    """The result bytes of dry runs that passed, by ``validator.dry_run_key``, least recently used first out.
+    """The result bytes of dry runs that passed, by ``interpreter.dry_run_key``, least recently used first out.
 
     Researchers send the same experiment again and again with other prompts: the static rules run on every
     request, the dry run (the costly part: the model's module events replayed on meta tensors) once per

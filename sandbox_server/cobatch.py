@@ -1,19 +1,20 @@
 """Co-batching: run several users' compatible jobs as ONE forward (or one generation) of the model.
 
-    groups = group_jobs(lm, graphs, max_batch_tokens=4096)     # [[0, 2, 3], [1]]: indices into graphs
-    run = run_together(lm, [graphs[i] for i in groups[0]])
-    run.results[k]        # {node id: saved value} of the k-th job, exactly as lm._run_graph(graph) returns
+    groups = group_jobs(runner, graphs, max_batch_tokens=4096)     # [[0, 2, 3], [1]]: indices into graphs
+    run = run_together(runner, [graphs[i] for i in groups[0]])
+    run.results[k]        # {node id: saved value} of the k-th job, exactly as runner.run(graph) returns
     run.alone             # indices of jobs that must run by themselves (then ``run.why[k]`` says why)
 
-How. ``merge_graphs`` concatenates the jobs' invokes (each job keeps its invokes' order), renumbers
-every node (``Ref``s rewritten everywhere in args/kwargs, nested, and in ``after``) and offsets each
-node's ``invoke``. A node with ``invoke`` None sees the whole batch in a run of its own job; here it
-must see only its job's rows, so the row list gets one extra "group" slice per job covering that
-job's contiguous rows, and such nodes point at it. The batch is built from ``LanguageModel._tokens``
-on the merged invokes and run with ``Batch(isolated=True)``: the executor then cuts every value a
-node reads to the node's rows (what cannot be cut, an opaque object such as a key/value cache or a
-tensor without the batch dimension such as a rotary table, becomes ``Withheld``: any use, reading
-or writing in place, fails, and the job runs again alone), cuts the generated ids of ``tracer.result`` too, and writes
+How. ``merge_graphs`` (``sandbox_client.graph.merge``) concatenates the jobs' invokes (each job keeps
+its invokes' order), renumbers every node (``Ref``s rewritten everywhere in args/kwargs, nested, and in
+``after``) and offsets each node's ``invoke``. A node with ``invoke`` None sees the whole batch in a run
+of its own job; here it must see only its job's rows, so the row list gets one extra "group" slice per
+job covering that job's contiguous rows, and such nodes point at it. The batch is built by the model's
+public runner (``LanguageModelRunner.tokens``/``batch``/``run``, the path of a job run alone) on the
+merged invokes and run with ``Batch(isolated=True)``: the executor then cuts every value a node reads to
+the node's rows (what cannot be cut, an opaque object such as a key/value cache or a tensor without the
+batch dimension such as a rotary table, becomes ``Withheld``: any use, reading or writing in place,
+fails, and the job runs again alone), cuts the generated ids of ``tracer.result`` too, and writes
 (``set_output``, ``skip``, in-place edits of the narrowed views) touch only the node's rows. Saved
 values are split back per job by the node-id mapping, so values, errors and logs reach only their
 job.
@@ -52,7 +53,6 @@ with its own limit; a cancel ends that job CANCELLED and the rest run merged aga
 """
 from __future__ import annotations
 
-import bisect
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -61,12 +61,10 @@ from typing import Any
 import torch
 
 from sandbox_client.errors import SandboxError
-from sandbox_client.graph import Graph, Invoke, Node, Ref, encode_value
-from sandbox_client.interpreter.executor import Executor
-from sandbox_client.interpreter.rows import Withheld
-from sandbox_client.interpreter.run import needs_grad, run_graph
-from sandbox_client.language_model import LanguageModel, _deliver_result
-from sandbox_client.order import check_graph
+from sandbox_client.graph import Graph, encode_value
+from sandbox_client.graph.merge import Merged, job_invoke_bounds, merge_graphs
+from sandbox_client.graph.walk import leaves
+from sandbox_client.interpreter import Executor, LanguageModelRunner, Withheld, deliver_result, needs_grad
 
 #: why a graph runs alone (batch_key's reasons, also used in logs and tests)
 ALONE_GRAD = "gradients"
@@ -75,21 +73,6 @@ ALONE_INPUTS = ".inputs"
 ALONE_SAMPLING = "sampling"
 ALONE_NO_INVOKE = "no invoke"
 ALONE_MALFORMED = "out-of-range node or invoke reference"
-
-
-@dataclass(frozen=True)
-class Merged:
-    """N graphs as one: ``starts[j]`` is job j's first node id, ``groups[j]`` its rows in the batch."""
-
-    graph: Graph
-    starts: list[int]
-    invoke_counts: list[int]
-    group_invoke: int          # invoke index of job 0's group slice (job j: group_invoke + j)
-
-    def job_of(self, node_id: int | None) -> int | None:
-        if node_id is None or not 0 <= node_id < len(self.graph.nodes):
-            return None
-        return bisect.bisect_right(self.starts, node_id) - 1
 
 
 @dataclass
@@ -136,18 +119,18 @@ def _self_contained(graph: Graph) -> bool:
     return True
 
 
-def batch_key(lm: LanguageModel, graph: Graph) -> tuple[str, int, int] | None:
+def batch_key(runner: LanguageModelRunner, graph: Graph) -> tuple[str, int, int] | None:
     """(compatibility key, rows, padded width) of ``graph``; None when it must run alone."""
     if alone_reason(graph) is not None:
         return None
-    tokens, _ = lm._tokens(graph.invokes)
+    tokens, _ = runner.tokens(graph.invokes)
     rows, width = (int(d) for d in tokens.input_ids.shape)
     options = json.dumps(encode_value(graph.options), sort_keys=True) if graph.kind == "generate" else ""
     kwargs = json.dumps([encode_value(inv.kwargs) for inv in graph.invokes[:1]], sort_keys=True)
     return (f"{graph.kind}|{width}|{options}|{kwargs}", rows, width)
 
 
-def group_jobs(lm: LanguageModel, graphs: Sequence[Graph], max_batch_tokens: int) -> list[list[int]]:
+def group_jobs(runner: LanguageModelRunner, graphs: Sequence[Graph], max_batch_tokens: int) -> list[list[int]]:
     """Indices of ``graphs`` in groups that may run merged (claim order kept); singletons run alone.
 
     A group's rows x padded width stays within ``max_batch_tokens`` (a single job is never refused by it).
@@ -155,7 +138,7 @@ def group_jobs(lm: LanguageModel, graphs: Sequence[Graph], max_batch_tokens: int
     groups: list[list[int]] = []
     open_groups: dict[str, tuple[list[int], int]] = {}   # key -> (group, tokens so far)
     for i, graph in enumerate(graphs):
-        key = batch_key(lm, graph)
+        key = batch_key(runner, graph)
         if key is None:
             groups.append([i])
             continue
@@ -172,63 +155,23 @@ def group_jobs(lm: LanguageModel, graphs: Sequence[Graph], max_batch_tokens: int
     return groups
 
 
-# ----- merging ------------------------------------------------------------------------------------
-def merge_graphs(graphs: Sequence[Graph]) -> Merged:
-    """One graph running every job of ``graphs`` (all compatible) in one batch."""
-    first = graphs[0]
-    invokes: list[Invoke] = []
-    nodes: list[Node] = []
-    starts: list[int] = []
-    group_invoke = sum(len(g.invokes) for g in graphs)
-    for j, graph in enumerate(graphs):
-        node_base, invoke_base = len(nodes), len(invokes)
-        starts.append(node_base)
-        invokes.extend(graph.invokes)
-        for node in graph.nodes:
-            nodes.append(Node(
-                id=node.id + node_base, op=node.op, target=node.target,
-                args=_shift(node.args, node_base), kwargs=_shift(node.kwargs, node_base),
-                invoke=group_invoke + j if node.invoke is None else node.invoke + invoke_base,
-                step=node.step, after=tuple(a + node_base for a in node.after), source=node.source))
-    merged = Graph(kind=first.kind, invokes=invokes, nodes=nodes, options=dict(first.options),
-                   version=first.version)
-    return Merged(graph=merged, starts=starts, invoke_counts=[len(g.invokes) for g in graphs],
-                  group_invoke=group_invoke)
-
-
-def _shift(value: Any, base: int) -> Any:
-    if isinstance(value, Ref):
-        return Ref(value.id + base)
-    if isinstance(value, tuple):
-        return tuple(_shift(v, base) for v in value)
-    if isinstance(value, list):
-        return [_shift(v, base) for v in value]
-    if isinstance(value, dict):
-        return {k: _shift(v, base) for k, v in value.items()}
-    if isinstance(value, slice):
-        return slice(_shift(value.start, base), _shift(value.stop, base), _shift(value.step, base))
-    return value
-
-
 # ----- running ------------------------------------------------------------------------------------
-def run_merged(lm: LanguageModel, merged: Merged) -> tuple[list[dict[int, Any]], torch.Tensor | None]:
+def run_merged(runner: LanguageModelRunner, merged: Merged) -> tuple[list[dict[int, Any]], torch.Tensor | None]:
     """Run ``merged`` once; returns each job's {node id: saved value} and the generated ids (generate)."""
     graph = merged.graph
-    check_graph(graph, lm._module_names)
-    tokens, rows = lm._tokens(graph.invokes)
+    tokens, rows = runner.tokens(graph.invokes)
     starts = [r.start for r in rows if r is not None]
     stops = [r.stop for r in rows if r is not None]
-    bounds = _job_invoke_bounds(merged)
+    bounds = job_invoke_bounds(merged)
     rows = [*rows, *(slice(starts[a], stops[b - 1]) for a, b in bounds)]
     sequences: list[torch.Tensor] = []
 
     def on_result(executor: Executor, output: Any) -> None:
         sequences.append(getattr(output, "sequences", output))
-        _deliver_result(executor, output)
-    generate = graph.kind == "generate"
-    batch = lm._generate_batch(graph, tokens, rows) if generate else lm._trace_batch(graph, tokens, rows)
+        deliver_result(executor, output)
+    batch = runner.batch(graph, tokens, rows)
     batch.isolated = True
-    values = run_graph(graph, lm._module, batch, on_result if generate else None, modules=lm._modules_by_path)
+    values = runner.run(graph, batch, on_result if graph.kind == "generate" else None)
     per_job: list[dict[int, Any]] = [{} for _ in merged.starts]
     for node_id, value in values.items():
         j = merged.job_of(node_id)
@@ -237,17 +180,7 @@ def run_merged(lm: LanguageModel, merged: Merged) -> tuple[list[dict[int, Any]],
     return per_job, (sequences[0] if sequences else None)
 
 
-def _job_invoke_bounds(merged: Merged) -> list[tuple[int, int]]:
-    """[first invoke, last invoke + 1) of each job in the merged invoke list."""
-    bounds: list[tuple[int, int]] = []
-    start = 0
-    for count in merged.invoke_counts:
-        bounds.append((start, start + count))
-        start += count
-    return bounds
-
-
-def run_together(lm: LanguageModel, graphs: Sequence[Graph]) -> BatchRun:
+def run_together(runner: LanguageModelRunner, graphs: Sequence[Graph]) -> BatchRun:
     """Run ``graphs`` merged; blamed or unfit jobs are left to run alone (see the module docstring)."""
     out = BatchRun()
     pending = list(range(len(graphs)))
@@ -255,7 +188,7 @@ def run_together(lm: LanguageModel, graphs: Sequence[Graph]) -> BatchRun:
         merged = merge_graphs([graphs[i] for i in pending])
         out.attempts += 1
         try:
-            per_job, sequences = run_merged(lm, merged)
+            per_job, sequences = run_merged(runner, merged)
         except SandboxError as exc:
             j = merged.job_of(exc.node_id)
             if j is None:
@@ -267,7 +200,7 @@ def run_together(lm: LanguageModel, graphs: Sequence[Graph]) -> BatchRun:
         except Exception as exc:
             _all_alone(out, pending, f"unattributed {type(exc).__name__}")
             return out
-        early = _stopped_early(lm, merged, sequences)
+        early = _stopped_early(runner, merged, sequences)
         for j, index in enumerate(pending):
             if _holds_withheld(per_job[j]):
                 out.alone.append(index)
@@ -290,21 +223,21 @@ def _all_alone(out: BatchRun, pending: list[int], why: str) -> None:
         out.why[i] = why
 
 
-def _stopped_early(lm: LanguageModel, merged: Merged, sequences: torch.Tensor | None) -> set[int]:
+def _stopped_early(runner: LanguageModelRunner, merged: Merged, sequences: torch.Tensor | None) -> set[int]:
     """Jobs whose every row ended (end-of-sequence) before the merged generation's last step."""
     if sequences is None:
         return set()
-    eos = _eos_ids(lm)
+    eos = runner.eos_ids()
     if not eos:
         return set()
-    tokens, rows = lm._tokens(merged.graph.invokes)
+    tokens, rows = runner.tokens(merged.graph.invokes)
     width = tokens.input_ids.shape[1]
     generated = sequences[:, width:-1]          # all but the last step's token
     if generated.shape[1] == 0:
         return set()
     ended = torch.isin(generated, torch.tensor(eos, device=generated.device)).any(dim=1)
     early: set[int] = set()
-    for j, (a, b) in enumerate(_job_invoke_bounds(merged)):
+    for j, (a, b) in enumerate(job_invoke_bounds(merged)):
         first, last = rows[a], rows[b - 1]
         assert first is not None and last is not None
         if bool(ended[first.start:last.stop].all()):
@@ -312,19 +245,5 @@ def _stopped_early(lm: LanguageModel, merged: Merged, sequences: torch.Tensor | 
     return early
 
 
-def _eos_ids(lm: LanguageModel) -> list[int]:
-    config = getattr(lm._module, "generation_config", None) or getattr(lm._module, "config", None)
-    eos = getattr(config, "eos_token_id", None)
-    if isinstance(eos, int):
-        return [eos]
-    return [int(e) for e in eos] if isinstance(eos, (list, tuple)) else []
-
-
 def _holds_withheld(value: Any) -> bool:
-    if isinstance(value, Withheld):
-        return True
-    if isinstance(value, (list, tuple)):
-        return any(_holds_withheld(v) for v in value)
-    if isinstance(value, dict):
-        return any(_holds_withheld(v) for v in value.values())
-    return False
+    return any(isinstance(v, Withheld) for v in leaves(value))

@@ -23,7 +23,8 @@ from .config import ModelConfig
 if TYPE_CHECKING:                 # the supervisor imports this module, and never loads torch
     from torch import nn
 
-    from validator import ModelSpec, ShapeTemplate
+    from sandbox_client.interpreter import ShapeTemplate
+    from validator import ModelSpec
 
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
                     "merges.txt", "added_tokens.json", "chat_template.jinja")
@@ -60,7 +61,8 @@ def write_model_info(folder: Path, cfg: ModelConfig, model: nn.Module, tokenizer
     """Publish ``model``'s spec, template, config and tokenizer into ``folder`` (replacing what was there)."""
     import torch
 
-    from validator import ModelSpec, ShapeTemplate
+    from sandbox_client.interpreter import ShapeTemplate
+    from validator import ModelSpec
 
     folder = Path(folder)
     (folder / "ready").unlink(missing_ok=True)
@@ -83,7 +85,8 @@ def write_model_info(folder: Path, cfg: ModelConfig, model: nn.Module, tokenizer
 
 def read_model_info(folder: Path, name: str) -> ModelInfo | None:
     """The published info, or None while the worker has not finished loading."""
-    from validator import ModelSpec, ShapeTemplate
+    from sandbox_client.interpreter import ShapeTemplate
+    from validator import ModelSpec
 
     folder = Path(folder)
     if not (folder / "ready").exists():

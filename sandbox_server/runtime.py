@@ -4,7 +4,7 @@
     cap_address_space(config.jobs.worker_memory_mb)    # after the model is loaded
     try:
         with guard.watch(job.id, timeout_s=60.0):
-            results = lm._run_graph(graph)
+            results = runner.run(graph)
     except BaseException as exc:
         error = describe_error(exc, timeout_s=60.0)    # {"code", "message", "node", "source"}
 

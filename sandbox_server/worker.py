@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from sandbox_client.graph import Graph
-from sandbox_client.interpreter.ops import user_function_deadline
+from sandbox_client.interpreter import user_function_deadline
 from storage import BundleError, ResultStore, Signer, StorageError, encode_results, result_message
 from validator import ModelSpec, validate
 
@@ -80,7 +80,7 @@ class ModelWorker:
     # ----- start-up --------------------------------------------------------------------------
     def load(self) -> None:
         """Load the model, publish its info, prepare signing and the guard, then cap memory; state "ready"."""
-        from sandbox_client import LanguageModel
+        from sandbox_client.interpreter import LanguageModelRunner
 
         from .models import load_model
 
@@ -89,7 +89,7 @@ class ModelWorker:
         started = time.monotonic()
         model, tokenizer = load_model(self.cfg)
         self.model: nn.Module = model
-        self.lm = LanguageModel(model, tokenizer)
+        self.runner = LanguageModelRunner(model, tokenizer)   # the same runner a local trace uses
         self.spec = ModelSpec.from_module(model, name=self.cfg.name)
         write_model_info(self.config.model_dir(self.cfg.name), self.cfg, model, tokenizer)
         self.flags = model_flags(model)
@@ -201,7 +201,7 @@ class ModelWorker:
                 alone.append(job)
         ready = [job for job in jobs if job.id in graphs]
         try:
-            groups = group_jobs(self.lm, [graphs[job.id] for job in ready], self.config.batching.max_batch_tokens)
+            groups = group_jobs(self.runner, [graphs[job.id] for job in ready], self.config.batching.max_batch_tokens)
         except Exception:       # e.g. an input the tokenizer refuses: alone, the job gets its own error
             groups = [[i] for i in range(len(ready))]
         for group in groups:
@@ -227,7 +227,7 @@ class ModelWorker:
             try:
                 with self.guard.watch(ids, timeout) as guard, \
                         user_function_deadline(time.monotonic() + timeout):
-                    run = run_together(self.lm, [graphs[i] for i in ids])
+                    run = run_together(self.runner, [graphs[i] for i in ids])
                     guard.check()
             except JobAborted as exc:
                 cancelled = set(self.guard.cancelled) if exc.reason == "cancelled" else set()
@@ -303,7 +303,7 @@ class ModelWorker:
     def _execute(self, job: JobRecord, timeout: float) -> ResultInfo:
         checked = validate(self.db.job_request(job.id), self.spec, self.config.limits)
         with self.guard.watch(job.id, timeout) as guard, user_function_deadline(time.monotonic() + timeout):
-            values = self.lm._run_graph(checked.graph)
+            values = self.runner.run(checked.graph)
             guard.check()
             return self._encode_and_store(job.id, values)
 

@@ -44,7 +44,8 @@ PRELOAD = (
     "torch", "transformers", "tokenizers", "safetensors.torch",
     "transformers.models.llama.modeling_llama", "transformers.models.gpt2.modeling_gpt2",
     "transformers.models.qwen2.modeling_qwen2", "transformers.generation",
-    "sandbox_client.language_model", "sandbox_client.interpreter.run", "validator.check", "validator.shapes",
+    "sandbox_client.language_model", "sandbox_client.interpreter.runner", "validator.check",
+    "sandbox_client.interpreter.preflight",
     "storage.bundle", "sandbox_server.worker", "sandbox_server.cobatch", "sandbox_server.models",
     "sandbox_server.app", "flask", "gunicorn.app.wsgiapp", "gunicorn.workers.gthread",
 )

@@ -9,22 +9,17 @@ the inputs, then time order. The first failure raises ValidationError.
 """
 from __future__ import annotations
 
-import dataclasses
-import hashlib
 import re
-from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch import nn
 
 from sandbox_client.errors import ModulePathError, OrderError, TraceError
-from sandbox_client.graph import Graph, GraphFormatError, Invoke, Ref
-from sandbox_client.order import check_order, check_skips
+from sandbox_client.graph import Graph, GraphFormatError
 
 from .allowlist import GENERATE_OPTIONS
+from .order import check_order, check_skips
 from .rules import RuleContext, check_node
-from .shapes import EXTRA_BYTES, ShapeTemplate, dry_run, nbytes
 from .spec import ModelSpec
 from .types import Limits, ValidatedGraph, ValidationError
 from .values import ValueStats, is_finite_number
@@ -32,25 +27,11 @@ from .values import ValueStats, is_finite_number
 _LM_FORWARD_OPTIONS = frozenset({"output_attentions", "output_hidden_states"})
 
 
-@dataclass(frozen=True)
-class DryRun:
-    """What a shape dry run needs: the model's template, a meta copy, and the batch's token count.
-
-    ``rows``: each invoke's rows in the batch (as ``LanguageModel._tokens`` gives them); None splits the
-    batch evenly, which is exact only when every invoke has the same number of rows."""
-
-    template: ShapeTemplate
-    meta_model: nn.Module
-    seq: int
-    rows: list[slice | None] | None = None
-
-
-def validate(graph: Graph | str | bytes, spec: ModelSpec, limits: Limits | None = None,
-             dry: DryRun | None = None) -> ValidatedGraph:
+def validate(graph: Graph | str | bytes, spec: ModelSpec, limits: Limits | None = None) -> ValidatedGraph:
     """Check ``graph`` against every rule; return it wrapped, or raise ValidationError.
 
-    With ``dry``, also run the graph's nodes on meta tensors: shape errors are reported here and
-    the saved values' total size is checked exactly against ``limits.max_result_bytes``.
+    Static only: nothing runs. The dry run on meta tensors (shape errors, exact result bytes) is the
+    interpreter's: ``sandbox_client.interpreter.validate_and_dry_run``.
     """
     limits = limits or Limits()
     parsed = graph if isinstance(graph, Graph) else parse(graph, limits)
@@ -76,42 +57,7 @@ def validate(graph: Graph | str | bytes, spec: ModelSpec, limits: Limits | None 
     rows = check_inputs(parsed, spec, limits)
     check_time_order(parsed, spec)
     checked = ValidatedGraph(graph=parsed, literal_tensor_bytes=stats.tensor_bytes, saves=saves, rows=rows)
-    return dry_check(checked, dry, limits) if dry is not None else checked
-
-
-def dry_check(checked: ValidatedGraph, dry: DryRun, limits: Limits | None = None) -> ValidatedGraph:
-    """The dry-run part of ``validate`` for a graph that passed the static rules: ``checked`` with its exact
-    ``result_bytes``, or ValidationError (shape errors, results or activations over the limits)."""
-    total = _dry_run_bytes(checked.graph, dry, checked.rows, limits or Limits())
-    return dataclasses.replace(checked, result_bytes=total)
-
-
-def dry_run_key(graph: Graph, dry: DryRun, limits: Limits | None = None) -> str:
-    """A digest of everything a dry run of ``graph`` reads, for one model's template and meta copy: the
-    nodes, options and kind, each invoke's keyword arguments, the token count and rows, and the limits.
-    The invokes' positional inputs (prompts, token ids) are left out: they reach the dry run only through
-    ``dry.seq`` and ``dry.rows``. Two graphs with the same key pass or fail ``dry_check`` identically."""
-    shape_only = Graph(kind=graph.kind, invokes=[Invoke(kwargs=inv.kwargs) for inv in graph.invokes],
-                       nodes=graph.nodes, options=graph.options, version=graph.version)
-    rows = [None if r is None else (r.start, r.stop, r.step) for r in (dry.rows or [])]
-    digest = hashlib.sha256(shape_only.to_json().encode())
-    digest.update(repr((dry.seq, dry.rows is None, rows, limits or Limits())).encode())
-    return digest.hexdigest()
-
-
-def _dry_run_bytes(graph: Graph, dry: DryRun, rows: int, limits: Limits) -> int:
-    values = dry_run(graph, dry.template, dry.meta_model, batch=rows, seq=dry.seq, rows=dry.rows)
-    saved = {a.id for n in graph.nodes if n.op == "save" for a in n.args if isinstance(a, Ref)}
-    extra = values.get(EXTRA_BYTES, 0)
-    if extra > limits.max_extra_activation_bytes:
-        raise ValidationError("activation_memory", f"the graph's own computations would allocate about {extra} "
-                              f"bytes (limit {limits.max_extra_activation_bytes}); reduce batch, sequence or "
-                              "intermediate sizes")
-    total = sum(nbytes(values.get(i)) for i in saved)
-    if total > limits.max_result_bytes:
-        raise ValidationError("result_too_large", f"the saved values total {total} bytes (limit "
-                              f"{limits.max_result_bytes}); save slices (e.g. [:, -1]) instead of whole tensors")
-    return total
+    return checked
 
 
 def parse(text: str | bytes, limits: Limits) -> Graph:

@@ -10,8 +10,8 @@ from typing import Any
 
 import torch
 
-from sandbox_client.events import is_mutation
 from sandbox_client.graph import Graph, Node, Ref
+from sandbox_client.graph.events import is_mutation
 
 from .allowlist import (
     ATTRIBUTES,

@@ -17,7 +17,7 @@ from typing import Any
 
 from sandbox_client.graph import DTYPES, FORMAT_VERSION, OPS
 from sandbox_client.graph.nodes import KINDS
-from sandbox_client.graph.values import _DECODERS
+from sandbox_client.graph.values import VALUE_TAGS
 
 SCHEMA_DIALECT = "https://json-schema.org/draft/2020-12/schema"
 SCHEMA_ID = "https://interp-sandbox.invalid/schemas/graph-v{version}.json"
@@ -48,11 +48,11 @@ _TAG_BODIES: dict[str, tuple[Schema, str]] = {
 
 def graph_json_schema() -> Schema:
     """The JSON Schema of ``Graph.to_json()`` output, as a plain dict (deterministic key order)."""
-    tags = set(_DECODERS)
+    tags = set(VALUE_TAGS)
     if tags != set(_TAG_BODIES):
         raise RuntimeError(f"validator/schema.py is out of date with the graph value tags: the decoder knows "
                            f"{sorted(tags)}, the schema {sorted(_TAG_BODIES)}; describe the new tag in _TAG_BODIES")
-    tag_defs = {_def_name(tag): _tagged(tag, *_TAG_BODIES[tag]) for tag in _DECODERS}
+    tag_defs = {_def_name(tag): _tagged(tag, *_TAG_BODIES[tag]) for tag in VALUE_TAGS}
     return {
         "$schema": SCHEMA_DIALECT,
         "$id": SCHEMA_ID.format(version=FORMAT_VERSION),

@@ -204,3 +204,6 @@ _DECODERS: dict[str, Any] = {
     "$device": _decode_device,
     "$tensor": decode_tensor,
 }
+
+#: the tags of tagged values (``{"$tensor": ...}``, ``{"$slice": ...}``, ...) the format knows
+VALUE_TAGS: tuple[str, ...] = tuple(_DECODERS)

@@ -20,8 +20,8 @@ import torch
 from torch import nn
 
 from ..errors import InterventionError, OrderError, SandboxError
-from ..events import EventKey, event_of
 from ..graph import GRAD_OPS, Graph, Node, Ref
+from ..graph.events import EventKey, event_of
 from .ops import OpContext, run_op
 from .rows import SharedValueError, narrow, narrow_isolated
 

@@ -19,8 +19,8 @@ import torch
 from torch import nn
 
 from ..graph import Node
-from ..targets import resolve_function, tensor_method
 from .rows import merge
+from .targets import resolve_function, tensor_method
 
 _MUTATING_FUNCTIONS = frozenset({"operator.setitem"})
 

@@ -6,9 +6,12 @@
 
 Modules: ``api`` (HTTP + typed errors), ``pins`` (known server keys), ``tree`` (weightless module
 tree), ``tokenizer``, ``job`` (following, cancelling, downloading), ``results`` (verification),
-``model`` (RemoteModel).
+``session`` (one served model: key pin, description, submission), ``backend`` (the tracer's remote
+Backend), ``model`` (RemoteModel).
 """
+from .backend import PendingResults, RemoteBackend
 from .job import RemoteJob
-from .model import RemoteModel, RemoteTracer
+from .model import RemoteModel
+from .session import RemoteSession
 
-__all__ = ["RemoteJob", "RemoteModel", "RemoteTracer"]
+__all__ = ["PendingResults", "RemoteBackend", "RemoteJob", "RemoteModel", "RemoteSession"]

@@ -255,7 +255,7 @@ def test_a_tampered_inline_result_is_refused_too(sandbox_server, remote_models):
 
 def test_a_blocking_trace_is_one_request_unless_its_result_is_large(sandbox_server, remote_models, local_models):
     remote, local = remote_models["gpt2"], local_models["gpt2"]
-    session = remote._api._session
+    session = remote.session.api._session
     sent: list[str] = []
     send = session.request
 
@@ -292,7 +292,7 @@ def test_pin_mismatch_and_wrong_explicit_key_refuse_to_connect(sandbox_server, t
     monkeypatch.setenv(CONFIG_ENV, str(tmp_path))
     first = sc.RemoteModel("tiny-gpt2", host=server.url, api_key=key, verbose=False)
     pin = (tmp_path / "known_servers").read_text().split()
-    assert pin[:2] == [server.url, "ed25519"] and first._public_key == pin[2]
+    assert pin[:2] == [server.url, "ed25519"] and first.session.public_key == pin[2]
     other = "A" * 43 + "="
     (tmp_path / "known_servers").write_text(f"{server.url} ed25519 {other}\n")
     with pytest.raises(sc.ResultVerificationError, match="delete the line") as info:

@@ -25,14 +25,14 @@ from conftest import ARCHS, build_tiny
 import sandbox_client as sc
 import storage
 from sandbox_client.graph import Graph
-from sandbox_client.model import probe_output_lengths
+from sandbox_client.interpreter.runner import probe_output_lengths
+from sandbox_client.interpreter.shapes import ShapeTemplate
 from sandbox_client.remote.api import error_from_response
 from sandbox_client.remote.job import RemoteJob, job_error
 from sandbox_client.remote.pins import CONFIG_ENV
 from sandbox_client.remote.results import verified_values
 from sandbox_client.remote.tokenizer import checked_files, tokenizer_from_files
 from sandbox_client.remote.tree import module_tree
-from validator.shapes import ShapeTemplate
 from validator.spec import ModelSpec
 
 OTHER_KEY = storage.Signer.generate().public_key_b64   # a server key that signed nothing here
@@ -85,7 +85,7 @@ def test_tree_repr_indices_and_no_compute(tiny):
 def test_output_lengths_from_template_match_hooks(tiny, arch):
     hf = tiny[arch]
     template = ShapeTemplate.from_dict(json.loads(json.dumps(probe_template(hf).to_dict())))
-    batch = sc.LanguageModel(hf)._probe_batch(Graph(invokes=[sc.graph.Invoke((IDS,), {})]).invokes)
+    batch = sc.LanguageModel(hf).runner.probe_batch(Graph(invokes=[sc.graph.Invoke((IDS,), {})]).invokes)
     assert template.output_lengths() == probe_output_lengths(hf, batch)
 
 
@@ -295,7 +295,7 @@ class FakeServer:
 
     def run(self, request: dict[str, Any]) -> dict[str, Any]:
         job_id = f"j{len(self.jobs)}"
-        values = self.lm._run_graph(Graph.from_json(request["graph"]))
+        values = self.lm.runner.run(Graph.from_json(request["graph"]))
         data, result = signed(job_id, {str(k): v for k, v in values.items()}, self.signer)
         result["url"] = f"{self.url}/blobs/{job_id}"   # absolute, like a presigned S3 URL
         self.results[f"/blobs/{job_id}"] = data

@@ -11,7 +11,8 @@ atheris_graph.py (coverage-guided).
 from __future__ import annotations
 
 from sandbox_client.graph import OPS, Graph, GraphFormatError
-from validator import DryRun, Limits, ModelSpec, ValidatedGraph, ValidationError, validate
+from sandbox_client.interpreter import DryRun, validate_and_dry_run
+from validator import Limits, ModelSpec, ValidatedGraph, ValidationError
 
 #: smaller than the defaults so that mutated graphs reach the limit checks too
 LIMITS = Limits(max_nodes=400, max_request_bytes=2**20, max_literal_tensor_bytes=2**16, max_depth=12,
@@ -82,7 +83,7 @@ def check_outcome(data: str | bytes, spec: ModelSpec, limits: Limits = LIMITS, d
     else:
         assert isinstance(graph, Graph)
     try:
-        checked = validate(data, spec, limits, dry=dry)
+        checked = validate_and_dry_run(data, spec, limits, dry=dry)
     except ValidationError as err:
         assert isinstance(err.code, str) and err.code and isinstance(err.message, str)
         return

@@ -21,7 +21,7 @@ from graph_fuzz import EDGE_NUMBERS, FORMAT_KEYS, FUNCTIONS, OPS_POOL, TARGETS, 
 from hypothesis import HealthCheck, given, note, settings
 from hypothesis import strategies as st
 
-from validator import DryRun, ShapeTemplate, meta_copy
+from sandbox_client.interpreter import DryRun, ShapeTemplate, meta_copy
 
 FUZZ = settings(deadline=1000, derandomize=True, database=None, print_blob=True,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
@@ -29,7 +29,7 @@ FUZZ = settings(deadline=1000, derandomize=True, database=None, print_blob=True,
 
 TEXTS, SPEC = recorded_graphs()
 SEEDS = sorted(TEXTS)
-#: validate(dry=...) also runs the nodes on meta tensors: a second, larger surface
+#: validate_and_dry_run(dry=...) also runs the nodes on meta tensors: a second, larger surface
 DRY = DryRun(ShapeTemplate.probe(tiny_model(), lambda b, t: {"input_ids": torch.randint(0, 50257, (b, t))}),
              meta_copy(tiny_model()), seq=6)
 

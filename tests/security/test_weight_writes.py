@@ -49,7 +49,7 @@ def test_weight_as_module_output_is_refused(setup) -> None:
     tracer = lm.trace(IDS)          # recorded only: the server would refuse it before running
     tracer.__enter__()
     lm.model.layers[0].mlp.down_proj.output = lm.model.layers[0].mlp.down_proj.weight
-    lm._end(tracer)
+    lm.close_trace(tracer)
     with pytest.raises(ValidationError) as err:
         validate(tracer.graph.to_json(), spec)
     assert err.value.code == "write_to_weight"

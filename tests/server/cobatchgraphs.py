@@ -34,7 +34,7 @@ def hidden(out: Any) -> Any:
 
 
 def trace(lm: sc.LanguageModel, body: Callable[[Any], None], *prompts: Any) -> Graph:
-    rec = Recorder(lm._module, lm.tokenizer)
+    rec = Recorder(lm.runner.module, lm.tokenizer)
     with rec.trace() if len(prompts) > 1 else rec.trace(prompts[0]) as tracer:
         if len(prompts) > 1:
             for p in prompts:
@@ -70,9 +70,9 @@ def close(got: Any, expected: Any, rtol: float) -> None:
 
 
 def same_as_alone(lm: sc.LanguageModel, graphs: list[Graph], bitwise: bool = True) -> cobatch.BatchRun:
-    run = run_together(lm, graphs)
+    run = run_together(lm.runner, graphs)
     for i, graph in enumerate(graphs):
         if i in run.results:
-            alone = lm._run_graph(graph)
+            alone = lm.runner.run(graph)
             (assert_same_values if bitwise else lambda a, b: close(a, b, 1e-5))(run.results[i], alone)
     return run

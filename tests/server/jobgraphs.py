@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 import sandbox_client as sc
+from sandbox_client.backends import RecordOnly
 from sandbox_client.graph import Graph
 
 PROMPT = "The Eiffel Tower is in the city of"
@@ -80,17 +81,17 @@ def logits_graph(lm: sc.LanguageModel, prompt: str = PROMPT) -> str:
 class Recorder(sc.LanguageModel):
     """Records graphs without running them (for jobs too slow or too big to run here)."""
 
-    graphs: list[Graph] = []
+    def trace(self, *args: Any, **kwargs: Any) -> sc.Tracer:
+        return super().trace(*args, backend=RecordOnly(), **kwargs)
 
-    def _run_graph(self, graph: Graph) -> dict[int, Any]:
-        Recorder.graphs.append(graph)
-        return {}
+    def generate(self, *args: Any, **kwargs: Any) -> sc.Tracer:
+        return super().generate(*args, backend=RecordOnly(), **kwargs)
 
 
 def slow_graph(lm: sc.LanguageModel, max_new_tokens: int = 100) -> str:
     """A generation whose every step runs ``burn`` (~50-100 ms): 5-10 s in all, with module calls all along.
     (The tiny models have 128 positions: the prompt's 9 tokens plus 100 new ones stay within them.)"""
-    rec = Recorder(lm._module, lm.tokenizer)
+    rec = Recorder(lm.runner.module, lm.tokenizer)
     with rec.generate(PROMPT, max_new_tokens=max_new_tokens) as tracer:
         with tracer.all_steps():
             sc.apply(burn, rec.transformer.h[0].output).save()
@@ -99,7 +100,7 @@ def slow_graph(lm: sc.LanguageModel, max_new_tokens: int = 100) -> str:
 
 def hog_graph(lm: sc.LanguageModel) -> str:
     """A trace whose user function allocates 40 x 256 MiB (10 GiB): far over any test memory cap."""
-    rec = Recorder(lm._module, lm.tokenizer)
+    rec = Recorder(lm.runner.module, lm.tokenizer)
     with rec.trace(PROMPT) as tracer:
         sc.apply(hog, rec.transformer.h[0].output).save()
     return tracer.graph.to_json()
@@ -107,7 +108,7 @@ def hog_graph(lm: sc.LanguageModel) -> str:
 
 def run_locally(lm: sc.LanguageModel, graph_json: str) -> dict[str, Any]:
     """What the server must return for this graph: {str(node id): value}, computed here."""
-    return {str(k): v for k, v in lm._run_graph(Graph.from_json(graph_json)).items()}
+    return {str(k): v for k, v in lm.runner.run(Graph.from_json(graph_json)).items()}
 
 
 def assert_same_values(got: Any, expected: Any) -> None:

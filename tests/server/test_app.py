@@ -9,10 +9,11 @@ import pytest
 from flask import Flask
 from flask.testing import FlaskClient
 
+from sandbox_client.interpreter import ShapeTemplate
 from sandbox_server.app import create_app
 from sandbox_server.modelinfo import read_model_info
 from storage import Signer
-from validator import ModelSpec, ShapeTemplate
+from validator import ModelSpec
 
 from .conftest import Key, make_config, new_key, services
 

@@ -12,11 +12,11 @@ from conftest import build_tiny
 
 import sandbox_client as sc
 from sandbox_client.graph import Graph, Invoke
+from sandbox_client.interpreter.shapes import nbytes
 from sandbox_server.catalog import Catalog, ModelNotReady, model_status
 from sandbox_server.db import Database
 from sandbox_server.modelinfo import clear_model_info
 from validator import ValidationError
-from validator.shapes import nbytes
 
 from .conftest import IDS, make_config, publish_tiny
 

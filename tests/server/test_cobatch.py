@@ -1,6 +1,6 @@
 """sandbox_server.cobatch and the worker's co-batching: each job of a merged batch gets what it gets alone.
 
-The reference is always the same graph run alone (``lm._run_graph``, the path of a job run by itself).
+The reference is always the same graph run alone (``lm.runner.run``, the path of a job run by itself).
 Rows of equal length compare bitwise (the kernels see the same per-row work); a batch where some job has
 left padding passes an attention mask for every row, so an unpadded job's rows take the masked attention
 path and compare within 1e-5 relative.
@@ -16,9 +16,10 @@ from conftest import build_tiny
 
 import sandbox_client as sc
 from sandbox_client.graph import Graph, Ref
+from sandbox_client.graph.merge import merge_graphs
 from sandbox_client.interpreter.rows import SharedValueError, Withheld, narrow_isolated
 from sandbox_server import cobatch
-from sandbox_server.cobatch import ALONE_GRAD, ALONE_STOP, alone_reason, group_jobs, merge_graphs
+from sandbox_server.cobatch import ALONE_GRAD, ALONE_STOP, alone_reason, group_jobs
 
 from .cobatchgraphs import WIDTH, edit_and_read, hidden, ids, layers, same_as_alone, trace
 from .jobgraphs import Recorder
@@ -64,7 +65,7 @@ def test_nodes_outside_invokes_see_only_their_jobs_rows(lm: sc.LanguageModel) ->
 @pytest.mark.parametrize("n", [2, 5, 8])
 def test_traces_of_equal_length_are_bitwise_the_same_as_alone(lm: sc.LanguageModel, n: int) -> None:
     graphs = [trace(lm, edit_and_read, ids(10 + i, rows=1 + i % 2)) for i in range(n)]
-    assert group_jobs(lm, graphs, 4096) == [list(range(n))]
+    assert group_jobs(lm.runner, graphs, 4096) == [list(range(n))]
     run = same_as_alone(lm, graphs)
     assert sorted(run.results) == list(range(n)) and run.attempts == 1
 
@@ -72,7 +73,7 @@ def test_traces_of_equal_length_are_bitwise_the_same_as_alone(lm: sc.LanguageMod
 def test_padded_jobs_match_alone_within_float_rounding(lm: sc.LanguageModel) -> None:
     """Job 0 pads its short invoke to 7 alone too; job 1's rows (no padding alone) now get an attention mask."""
     graphs = [trace(lm, edit_and_read, ids(1, width=4), ids(2)), trace(lm, edit_and_read, ids(3))]
-    assert group_jobs(lm, graphs, 4096) == [[0, 1]]
+    assert group_jobs(lm.runner, graphs, 4096) == [[0, 1]]
     run = same_as_alone(lm, graphs, bitwise=False)
     assert sorted(run.results) == [0, 1]
 
@@ -80,13 +81,13 @@ def test_padded_jobs_match_alone_within_float_rounding(lm: sc.LanguageModel) -> 
 def test_jobs_of_different_widths_or_options_are_not_merged(lm: sc.LanguageModel) -> None:
     graphs = [trace(lm, edit_and_read, ids(1)), trace(lm, edit_and_read, ids(2, width=5)),
               trace(lm, edit_and_read, ids(3))]
-    assert group_jobs(lm, graphs, 4096) == [[0, 2], [1]]
-    assert group_jobs(lm, graphs, WIDTH) == [[0], [1], [2]]    # max_batch_tokens: 7 tokens each
+    assert group_jobs(lm.runner, graphs, 4096) == [[0, 2], [1]]
+    assert group_jobs(lm.runner, graphs, WIDTH) == [[0], [1], [2]]    # max_batch_tokens: 7 tokens each
 
 
 def test_generation_with_steps_matches_alone(lm: sc.LanguageModel) -> None:
     def make(seed: int, rows: int) -> Graph:
-        rec = Recorder(lm._module, lm.tokenizer)
+        rec = Recorder(lm.runner.module, lm.tokenizer)
         with rec.generate(ids(seed, rows=rows), max_new_tokens=4) as tracer:
             with tracer.all_steps():
                 rec.lm_head.output[:, -1].argmax(-1).save()
@@ -95,7 +96,7 @@ def test_generation_with_steps_matches_alone(lm: sc.LanguageModel) -> None:
             tracer.result.save()
         return Graph.from_json(tracer.graph.to_json())
     graphs = [make(s, 1 + s % 2) for s in range(4)]
-    assert group_jobs(lm, graphs, 4096) == [[0, 1, 2, 3]]
+    assert group_jobs(lm.runner, graphs, 4096) == [[0, 1, 2, 3]]
     run = same_as_alone(lm, graphs)
     assert sorted(run.results) == [0, 1, 2, 3]
     assert all(len(run.results[i][max(run.results[i])].shape) == 2 for i in range(4))
@@ -104,7 +105,7 @@ def test_generation_with_steps_matches_alone(lm: sc.LanguageModel) -> None:
 def test_a_generation_that_would_have_ended_earlier_alone_is_detected(lm: sc.LanguageModel) -> None:
     """Merged, a job whose rows all hit end-of-sequence keeps stepping with the others: it must run alone."""
     def make(seed: int, rows: int) -> Graph:
-        rec = Recorder(lm._module, lm.tokenizer)
+        rec = Recorder(lm.runner.module, lm.tokenizer)
         with rec.generate(ids(seed, rows=rows), max_new_tokens=3) as tracer:
             tracer.result.save()
         return Graph.from_json(tracer.graph.to_json())
@@ -113,21 +114,21 @@ def test_a_generation_that_would_have_ended_earlier_alone_is_detected(lm: sc.Lan
     sequences = torch.zeros(4, WIDTH + 3, dtype=torch.long)
     sequences[0, WIDTH] = sequences[1, WIDTH + 1] = eos      # job 0: both rows ended before the last step
     sequences[2, WIDTH + 2] = eos                            # job 1: ended at the last step, as alone
-    assert cobatch._stopped_early(lm, merged, sequences) == {0}
+    assert cobatch._stopped_early(lm.runner, merged, sequences) == {0}
 
 
 def test_gradients_stop_and_sampling_run_alone(lm: sc.LanguageModel) -> None:
     def grad(rec: Any) -> None:
         layers(rec)[1].output.grad.save()
         rec.lm_head.output[0, -1, 5].backward()
-    rec = Recorder(lm._module, lm.tokenizer)
+    rec = Recorder(lm.runner.module, lm.tokenizer)
     with rec.trace(ids(1)) as tracer:
         layers(rec)[0].output.save()
         tracer.stop()
     stop = Graph.from_json(tracer.graph.to_json())
     graphs = [trace(lm, grad, ids(1)), stop, trace(lm, edit_and_read, ids(2))]
     assert [alone_reason(g) for g in graphs] == [ALONE_GRAD, ALONE_STOP, None]
-    assert group_jobs(lm, graphs + [graphs[2]], 4096) == [[0], [1], [2, 3]]
+    assert group_jobs(lm.runner, graphs + [graphs[2]], 4096) == [[0], [1], [2, 3]]
 
 
 def test_out_of_range_references_run_alone(lm: sc.LanguageModel) -> None:
@@ -138,7 +139,7 @@ def test_out_of_range_references_run_alone(lm: sc.LanguageModel) -> None:
         node = next(n for n in bad.nodes if n.op == "save")
         bad.nodes[node.id] = dataclasses.replace(node, **change)  # type: ignore[arg-type]
         assert alone_reason(bad) == cobatch.ALONE_MALFORMED
-        assert group_jobs(lm, [base, bad, base], 4096) == [[0, 2], [1]]
+        assert group_jobs(lm.runner, [base, bad, base], 4096) == [[0, 2], [1]]
 
 
 # ----- hostile jobs -------------------------------------------------------------------------------
@@ -149,7 +150,7 @@ def test_indexing_outside_its_rows_fails_only_that_job(lm: sc.LanguageModel) -> 
     run = same_as_alone(lm, graphs)
     assert sorted(run.results) == [0, 2] and run.alone == [1] and run.attempts == 2
     with pytest.raises(sc.InterventionError, match="IndexError"):
-        lm._run_graph(graphs[1])
+        lm.runner.run(graphs[1])
 
 
 def test_summing_over_the_batch_sees_only_its_rows(lm: sc.LanguageModel) -> None:
@@ -245,6 +246,6 @@ def test_smollm2_users_co_batched_get_what_they_get_alone() -> None:
               trace(lm, patch, "The Colosseum is in the city of"),
               trace(lm, lens, "The Eiffel Tower is in the city of", "The Colosseum is in the city of"),
               trace(lm, edit_and_read, "The Colosseum is in the city of")]
-    assert group_jobs(lm, graphs, 4096) == [[0, 1, 2, 3]]
+    assert group_jobs(lm.runner, graphs, 4096) == [[0, 1, 2, 3]]
     run = same_as_alone(lm, graphs)
     assert sorted(run.results) == [0, 1, 2, 3] and run.attempts == 1

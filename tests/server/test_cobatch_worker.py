@@ -198,7 +198,7 @@ def test_a_merged_timeout_runs_each_job_alone_with_its_own_limit(worker: ModelWo
     """Who made the merged run slow cannot be told: each job gets its own full limit alone."""
     saved = worker.config
     worker.config = dataclasses.replace(saved, jobs=dataclasses.replace(saved.jobs, timeout_s=0.8))
-    rec = Recorder(gpt2._module, gpt2.tokenizer)
+    rec = Recorder(gpt2.runner.module, gpt2.tokenizer)
     with rec.generate(PROMPT, max_new_tokens=30) as tracer:     # ~0.1 s alone; slow_graph's 30 steps: 1.5-3 s
         tracer.result.save()
     fast = tracer.graph.to_json()

@@ -115,13 +115,13 @@ def test_an_aborted_generation_leaves_the_model_as_it_was(lm: sc.LanguageModel) 
     before = {k: v.clone() for k, v in model.state_dict().items()}
     guard = JobGuard(never)
     with pytest.raises(JobAborted), guard.watch("j", timeout_s=0.02):
-        lm._run_graph(graph)
+        lm.runner.run(graph)
     assert no_global_hooks()
     assert all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())
     assert all(p.grad is None for p in model.parameters()) and torch.is_grad_enabled()
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     with guard.watch("j", timeout_s=60):
-        again = lm._run_graph(graph)
+        again = lm.runner.run(graph)
     values = list(again.values())
     assert torch.equal(values[0], logits.value) and torch.equal(values[1], ids.value)
 
@@ -140,7 +140,7 @@ def test_abort_is_not_turned_into_a_node_error(lm: sc.LanguageModel) -> None:
     guard = JobGuard(never)
     guard._pre_hook = abort_in_the_node    # type: ignore[method-assign]
     with pytest.raises(JobAborted), guard.watch("j", timeout_s=60):
-        lm._run_graph(tracer.graph)
+        lm.runner.run(tracer.graph)
     assert no_global_hooks()
 
 

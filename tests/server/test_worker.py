@@ -128,7 +128,7 @@ def test_a_stored_graph_is_validated_again(worker: ModelWorker, lm: sc.LanguageM
 
 
 def test_an_intervention_error_points_at_the_users_line(worker: ModelWorker, lm: sc.LanguageModel) -> None:
-    rec = Recorder(lm._module, lm.tokenizer)
+    rec = Recorder(lm.runner.module, lm.tokenizer)
     with rec.trace(PROMPT) as tracer:
         (rec.transformer.h[0].output @ torch.ones(3, 3)).save()   # wrong shape: only fails when it runs
     job = run(worker, tracer.graph.to_json())
@@ -173,7 +173,7 @@ def test_a_user_function_loop_stops_at_the_jobs_deadline(worker: ModelWorker, lm
     """The loop runs in one module-free stretch, where the forward pre-hook cannot stop it: the user function's
     own time budget, bound to the job's deadline, does (instead of the supervisor killing the worker)."""
     worker.config = dataclasses.replace(worker.config, jobs=dataclasses.replace(worker.config.jobs, timeout_s=0.2))
-    rec = Recorder(lm._module, lm.tokenizer)
+    rec = Recorder(lm.runner.module, lm.tokenizer)
     with rec.trace(PROMPT) as tracer:
         sc.apply(spin, rec.transformer.h[0].output).save()
     start = time.monotonic()

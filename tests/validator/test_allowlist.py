@@ -1,6 +1,6 @@
 """validator/allowlist.py: exact names only, none from a dangerous namespace, and every name real.
 
-The references: ``sandbox_client.targets`` (what the interpreter resolves), ``torch.Tensor``'s own
+The references: ``sandbox_client.interpreter.targets`` (what the interpreter resolves), ``torch.Tensor``'s own
 attributes, and ``inspect.signature`` for the argument positions the rules read.
 """
 from __future__ import annotations
@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import validator.allowlist as allowlist
-from sandbox_client.targets import resolve_function, target_name, tensor_method
+from sandbox_client.interpreter.targets import resolve_function, target_name, tensor_method
 from validator.allowlist import (
     ATTRIBUTES,
     CAST_METHODS,

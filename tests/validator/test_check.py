@@ -218,7 +218,7 @@ def test_recorded_graph_passes_and_runs_the_same(setup: Setup, feature: str) -> 
     assert checked.graph.to_json() == text
     assert checked.saves == sum(n.op == "save" for n in tracer.graph.nodes)
     assert checked.rows == (3 if feature == "patching" else 1)
-    again = setup.lm._run_graph(checked.graph)
+    again = setup.lm.runner.run(checked.graph)
     reference = saved(tracer)
     assert again.keys() == reference.keys()
     for node_id, value in reference.items():
@@ -305,7 +305,7 @@ def test_a_used_method_lookup_is_still_refused(setup: Setup) -> None:
 
 # ----- dry_check and dry_run_key -----------------------------------------------------------------
 def _keyed(graph: Graph, seq: int = 6, rows: list[slice | None] | None = None) -> str:
-    from validator import DryRun, dry_run_key
+    from sandbox_client.interpreter import DryRun, dry_run_key
 
     return dry_run_key(graph, DryRun(template=None, meta_model=None, seq=seq, rows=rows))  # type: ignore[arg-type]
 

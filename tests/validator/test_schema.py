@@ -15,7 +15,7 @@ import pytest
 from graph_corpus import recorded_graphs
 
 from sandbox_client.graph import DTYPES, FORMAT_VERSION, OPS, Graph
-from sandbox_client.graph.values import _DECODERS
+from sandbox_client.graph.values import VALUE_TAGS
 from validator.schema import graph_json_schema
 
 DOC = Path(__file__).resolve().parents[2] / "docs" / "graph-format.md"
@@ -56,7 +56,7 @@ def test_every_op_is_documented() -> None:
 
 def test_every_value_tag_and_dtype_is_documented() -> None:
     doc = DOC.read_text(encoding="utf-8").split("<!-- schema:begin -->")[0]
-    for tag in _DECODERS:
+    for tag in VALUE_TAGS:
         assert f"| `{tag}` |" in doc, tag
     for name in DTYPES:
         assert f"`{name}`" in doc, name
@@ -77,7 +77,7 @@ def test_schema_names_what_the_decoder_knows() -> None:
     assert defs["node"]["properties"]["op"]["enum"] == list(OPS)
     assert defs["tag_dtype"]["properties"]["$dtype"]["enum"] == list(DTYPES)
     tagged = {tag for d in defs.values() for tag in d.get("properties", {}) if tag.startswith("$")}
-    assert tagged == set(_DECODERS)
+    assert tagged == set(VALUE_TAGS)
 
 
 def test_schema_is_deterministic_and_json() -> None:
@@ -96,7 +96,7 @@ def test_recorded_graphs_fit_the_schema(name: str, validator: Any) -> None:
 def test_recorded_graphs_use_every_op_and_tag() -> None:
     texts = "".join(recorded_graphs()[0].values())
     assert set(re.findall(r'"op":"(\w+)"', texts)) == set(OPS)
-    assert set(re.findall(r'\{"(\$\w+)":', texts)) == set(_DECODERS)
+    assert set(re.findall(r'\{"(\$\w+)":', texts)) == set(VALUE_TAGS)
 
 
 BREAKS = {

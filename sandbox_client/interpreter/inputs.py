@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from .errors import TraceError
+from ..errors import TraceError
 
 Row = tuple[list[int], list[int]]   # (token ids, attention mask)
 

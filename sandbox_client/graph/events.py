@@ -12,7 +12,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from .graph import GRAD_OPS, Node, Ref
+from .nodes import GRAD_OPS, Node
+from .values import Ref
 
 EventKey = tuple[str, str, Any]   # (module path, kind: input|output|skip|grad|result, step)
 

@@ -8,7 +8,8 @@ import torch
 from conftest import build_tiny
 
 import sandbox_client as sc
-from validator import DryRun, Limits, ModelSpec, ShapeTemplate, ValidationError, dry_run, meta_copy, validate
+from sandbox_client.interpreter import DryRun, ShapeTemplate, dry_run, meta_copy, validate_and_dry_run
+from validator import Limits, ModelSpec, ValidationError
 
 ARCHS = ("gpt2", "llama", "qwen2")
 
@@ -34,7 +35,7 @@ def record(lm, ids, body):
     try:
         saved = body()
     finally:
-        lm._end(tracer)
+        lm.close_trace(tracer)
     return tracer.graph, saved
 
 
@@ -50,7 +51,7 @@ def test_dry_run_shapes_equal_real_run(setup, batch: int, seq: int) -> None:
 
     graph, saved = record(lm, ids, body)
     shapes = dry_run(graph, template, meta, batch=batch, seq=seq)
-    real = sc.LanguageModel(hf)._run_graph(graph)
+    real = sc.LanguageModel(hf).runner.run(graph)
     for proxy in saved:
         assert shapes[proxy._id].shape == real[proxy._id].shape
         assert shapes[proxy._id].dtype == real[proxy._id].dtype
@@ -81,10 +82,10 @@ def test_validate_with_dry_run_bounds_the_result_exactly(setup) -> None:
     arch, hf, lm, template, meta = setup
     spec = ModelSpec.from_module(hf)
     graph, _ = record(lm, torch.randint(0, 1000, (2, 6)), lambda: lm.output.logits.save())
-    checked = validate(graph.to_json(), spec, dry=DryRun(template, meta, seq=6))
+    checked = validate_and_dry_run(graph.to_json(), spec, dry=DryRun(template, meta, seq=6))
     assert checked.result_bytes == 2 * 6 * hf.config.vocab_size * 4
     with pytest.raises(ValidationError) as err:
-        validate(graph.to_json(), spec, Limits(max_result_bytes=1000), dry=DryRun(template, meta, seq=6))
+        validate_and_dry_run(graph.to_json(), spec, Limits(max_result_bytes=1000), dry=DryRun(template, meta, seq=6))
     assert err.value.code == "result_too_large"
 
 
@@ -110,10 +111,10 @@ def test_validate_bounds_extra_activation_memory(setup) -> None:
 
     graph, _ = record(lm, torch.randint(0, 1000, (1, 8)), body)
     width = hf.config.hidden_size if arch != "gpt2" else hf.config.n_embd
-    checked = validate(graph.to_json(), spec, dry=DryRun(template, meta, seq=8))
+    checked = validate_and_dry_run(graph.to_json(), spec, dry=DryRun(template, meta, seq=8))
     assert checked.result_bytes == 4
     with pytest.raises(ValidationError) as err:
-        validate(graph.to_json(), spec, Limits(max_extra_activation_bytes=8 * width * width * 4 - 1),
+        validate_and_dry_run(graph.to_json(), spec, Limits(max_extra_activation_bytes=8 * width * width * 4 - 1),
                  dry=DryRun(template, meta, seq=8))
     assert err.value.code == "activation_memory"
 
@@ -128,7 +129,7 @@ def test_every_recorded_feature_graph_passes_the_dry_run() -> None:
     dry = DryRun(template, meta_copy(hf), seq=6)
     for name, text in texts.items():
         if not name.startswith("refused"):
-            assert validate(text, spec, dry=dry).result_bytes is not None, name
+            assert validate_and_dry_run(text, spec, dry=dry).result_bytes is not None, name
 
 
 def test_user_function_loops_are_time_bounded_in_a_dry_run(setup) -> None:

@@ -24,10 +24,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from sandbox_client.graph import Graph
-from sandbox_client.interpreter.executor import Executor, StopForward
+from validator.types import ValidationError
 
-from .types import ValidationError
+from ..graph import Graph
+from .executor import Executor, StopForward
 
 Dim = int | str            # a constant, "B", "T" or "?"
 Struct = Any               # ("tensor", dims, dtype) | ("seq", type, [Struct]) | ("map", type, {k: Struct}) | None

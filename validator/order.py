@@ -15,9 +15,9 @@ from typing import Any
 
 from torch import nn
 
-from .errors import ModulePathError, OrderError, TraceError
-from .events import event_of, is_mutation
-from .graph import Graph, Node
+from sandbox_client.errors import ModulePathError, OrderError, TraceError
+from sandbox_client.graph import Graph, Node
+from sandbox_client.graph.events import event_of, is_mutation
 
 Event = tuple[str, str, Any]   # (path, phase: 'in'|'out'|'grad'|'end', step)
 _PHASE = {"input": "in", "skip": "in", "output": "out", "grad": "grad"}

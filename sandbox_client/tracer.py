@@ -23,6 +23,7 @@ import torch
 from .envoy import Envoy
 from .errors import TraceError, ValueNotReadyError
 from .graph import Graph, Invoke, Node, Ref, Step
+from .graph.walk import leaves
 from .interpreter.targets import tensor_method
 from .proxy import Proxy
 from .sourceinfo import user_source
@@ -280,13 +281,6 @@ def _literal(value: Any) -> Any:
 
 
 def _mutations_of(value: Any, mutations: dict[int, int], deps: set[int]) -> None:
-    if isinstance(value, Ref):
-        last = mutations.get(value.id)
-        if last is not None:
-            deps.add(last)
-    elif isinstance(value, (list, tuple)):
-        for v in value:
-            _mutations_of(v, mutations, deps)
-    elif isinstance(value, dict):
-        for v in value.values():
-            _mutations_of(v, mutations, deps)
+    for v in leaves(value):
+        if isinstance(v, Ref) and v.id in mutations:
+            deps.add(mutations[v.id])

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 
 from sandbox_client.graph import Graph, Node, Ref
-from sandbox_client.graph.events import is_mutation
+from sandbox_client.graph.events import VIEW_METHODS, is_mutation
 
 from .allowlist import (
     ATTRIBUTES,
@@ -291,16 +291,9 @@ def _is_weight_view(node: Node, ctx: RuleContext) -> bool:
                    for arg in node.args for a in (arg if isinstance(arg, (list, tuple)) else (arg,)))
     if not node.args or not isinstance(node.args[0], Ref) or node.args[0].id not in ctx.weight_views:
         return False
-    return node.op in ("getitem", "getattr") or (node.op == "call_method" and node.target in _WEIGHT_VIEWS)
+    return node.op in ("getitem", "getattr") or (node.op == "call_method" and node.target in VIEW_METHODS)
 
 
-# results that may share storage with their input: views, and casts that return the input itself
-# when nothing changes (w.float() is w for a float32 w)
-_WEIGHT_VIEWS = frozenset({"view", "view_as", "reshape", "transpose", "permute", "t", "detach", "narrow",
-                           "select", "squeeze", "unsqueeze", "expand", "expand_as", "flatten", "unflatten",
-                           "movedim", "swapaxes", "diagonal", "contiguous", "split", "chunk", "unbind",
-                           "reshape_as", "to", "type_as", "float", "double", "half", "bfloat16", "int", "long",
-                           "bool"})
 _WEIGHT_VIEW_FUNCTIONS = frozenset({
     "operator.getitem", "operator.pos", "torch.t", "torch.transpose", "torch.permute", "torch.reshape",
     "torch.flatten", "torch.squeeze", "torch.unsqueeze", "torch.select", "torch.narrow", "torch.diagonal",

@@ -11,6 +11,7 @@ from typing import Any
 import torch
 
 from sandbox_client.graph import Node, Ref
+from sandbox_client.graph.walk import leaves
 
 from .types import Limits, ValidationError
 
@@ -74,15 +75,7 @@ def is_finite_number(value: Any) -> bool:
 
 
 def contains_ref(value: Any) -> bool:
-    if isinstance(value, Ref):
-        return True
-    if isinstance(value, (list, tuple)):
-        return any(contains_ref(v) for v in value)
-    if isinstance(value, dict):
-        return any(contains_ref(v) for v in value.values())
-    if isinstance(value, slice):
-        return contains_ref((value.start, value.stop, value.step))
-    return False
+    return any(isinstance(v, Ref) for v in leaves(value))
 
 
 def _err(code: str, message: str, node: Node | None) -> ValidationError:

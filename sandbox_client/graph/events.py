@@ -17,10 +17,14 @@ from .values import Ref
 
 EventKey = tuple[str, str, Any]   # (module path, kind: input|output|skip|grad|result, step)
 
-_VIEW_METHODS = frozenset({
+#: tensor methods whose result may share storage with the tensor they are called on: views, and casts that
+#: return the tensor itself when nothing changes (``w.float()`` is ``w`` for a float32 ``w``). One list for
+#: the executor's event binding (a write into a view of a module's output) and the validator's weight rules.
+VIEW_METHODS = frozenset({
     "view", "view_as", "reshape", "reshape_as", "transpose", "permute", "narrow", "select", "squeeze",
     "unsqueeze", "expand", "expand_as", "t", "flatten", "unflatten", "movedim", "diagonal", "as_strided",
-    "swapaxes", "swapdims", "detach", "unfold",
+    "swapaxes", "swapdims", "detach", "unfold", "split", "chunk", "unbind",
+    "contiguous", "to", "type_as", "float", "double", "half", "bfloat16", "int", "long", "bool",
 })
 _KIND_OF = {"output": "output", "set_output": "output", "input": "input", "inputs": "input",
             "set_input": "input", "skip": "skip"}
@@ -62,7 +66,7 @@ def _view_origin(nodes: list[Node], node: Node) -> Node | None:
         if current.op in ("output", "input", "inputs", "grad"):
             return current
         is_view = current.op in ("getitem", "getattr") or (
-            current.op == "call_method" and current.target in _VIEW_METHODS)
+            current.op == "call_method" and current.target in VIEW_METHODS)
         if not is_view:
             return None
         current = _arg_node(nodes, current)

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from .values import GraphFormatError, Ref, decode_value, encode_value
+from .walk import leaves
 
 FORMAT_VERSION = 1
 Step = int | Literal["all"]
@@ -212,16 +213,7 @@ def _invoke_from_dict(data: Any) -> Invoke:
 
 
 def _collect_refs(value: Any, found: list[int]) -> None:
-    if isinstance(value, Ref):
-        found.append(value.id)
-    elif isinstance(value, (list, tuple)):
-        for v in value:
-            _collect_refs(v, found)
-    elif isinstance(value, dict):
-        for v in value.values():
-            _collect_refs(v, found)
-    elif isinstance(value, slice):
-        _collect_refs((value.start, value.stop, value.step), found)
+    found.extend(v.id for v in leaves(value) if isinstance(v, Ref))
 
 
 def _is_int(value: Any) -> bool:

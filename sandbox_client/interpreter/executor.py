@@ -22,6 +22,7 @@ from torch import nn
 from ..errors import InterventionError, OrderError, SandboxError
 from ..graph import GRAD_OPS, Graph, Node, Ref
 from ..graph.events import EventKey, event_of
+from ..graph.walk import map_leaves
 from .ops import OpContext, run_op
 from .rows import SharedValueError, narrow, narrow_isolated
 
@@ -309,17 +310,7 @@ def _where(path: str) -> str:
 
 
 def _resolve(value: Any, values: dict[int, Any]) -> Any:
-    if isinstance(value, Ref):
-        return values[value.id]
-    if isinstance(value, tuple):
-        return tuple(_resolve(v, values) for v in value)
-    if isinstance(value, list):
-        return [_resolve(v, values) for v in value]
-    if isinstance(value, dict):
-        return {k: _resolve(v, values) for k, v in value.items()}
-    if isinstance(value, slice):
-        return slice(_resolve(value.start, values), _resolve(value.stop, values), _resolve(value.step, values))
-    return value
+    return map_leaves(value, lambda v: values[v.id] if isinstance(v, Ref) else v)
 
 
 __all__ = ["ALL", "Executor", "StopForward", "torch"]

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from ..graph import Graph
+from ..graph.walk import map_leaves
 from .executor import Executor, StopForward
 from .hooks import HookSession
 
@@ -42,13 +43,7 @@ def literals_on(graph: Graph, device: torch.device) -> Graph:
 
 
 def _moved(value: Any, device: torch.device) -> Any:
-    if isinstance(value, torch.Tensor):
-        return value.to(device)
-    if type(value) in (list, tuple):
-        return type(value)(_moved(v, device) for v in value)
-    if type(value) is dict:
-        return {k: _moved(v, device) for k, v in value.items()}
-    return value
+    return map_leaves(value, lambda v: v.to(device) if isinstance(v, torch.Tensor) else v)
 
 
 def device_of(module: nn.Module) -> torch.device:

@@ -1,14 +1,16 @@
 """The ``interp-sandbox`` command: run the server, manage API keys.
 
-    interp-sandbox serve --config server.toml                 # API + model workers (see infra/)
+    interp-sandbox serve --config server.toml                 # API + model workers (see infra/README.md)
     interp-sandbox serve --embedded --data-dir ./data --port 8000
+    interp-sandbox serve --embedded --models tiny-gpt2        # a subset of the embedded models (no SmolLM2)
     interp-sandbox keys create --config server.toml --name alice --models tiny-gpt2 --rate 60
     interp-sandbox keys list --config server.toml             # never shows secrets
     interp-sandbox keys revoke --config server.toml alice     # by id or name
 
 Every command takes ``--config PATH`` (or ``$SANDBOX_CONFIG``) or ``--data-dir D`` (the embedded
-setup's data folder). ``keys create`` prints the key alone on stdout (details on stderr), so
-``KEY=$(interp-sandbox keys create ...)`` works. Errors: one line on stderr and exit status 2.
+setup's data folder; ``serve --embedded`` defaults to ``./.sandbox-data``). ``keys create`` prints the
+key alone on stdout (details on stderr), so ``KEY=$(interp-sandbox keys create ...)`` works. Errors: one
+line on stderr and exit status 2.
 """
 from __future__ import annotations
 
@@ -49,10 +51,16 @@ def _serve(args: argparse.Namespace) -> None:
         if args.config:
             raise CliError("give either --config or --embedded, not both")
         config = ServerConfig.embedded_default(Path(args.data_dir or ".sandbox-data"), port=args.port or 8000)
+        if args.models:
+            chosen = _model_names(config, args.models)
+            config = dataclasses.replace(config, models=tuple(m for m in config.models if m.name in chosen))
     else:
+        if args.models:
+            raise CliError("--models chooses among the embedded models (with --embedded); with --config, list "
+                           "the models to serve as [[models]] in the file")
+        if args.port:    # the server's processes load the config file themselves: override it for them too
+            os.environ["SANDBOX_PORT"] = str(args.port)
         config = _config(args)
-        if args.port:
-            config = dataclasses.replace(config, port=args.port)
     from .supervisor import serve  # the process tree (gunicorn + model workers) only when serving
 
     serve(config)
@@ -62,11 +70,7 @@ def _keys_create(args: argparse.Namespace) -> None:
     from .keys import create_key
 
     config = _config(args)
-    models = [m.strip() for m in args.models.split(",") if m.strip()] if args.models else None
-    unknown = [m for m in models or () if config.model(m) is None]
-    if unknown:
-        served = ", ".join(m.name for m in config.models) or "none"
-        raise CliError(f"no model {', '.join(unknown)} in the config; served models: {served}")
+    models = _model_names(config, args.models) if args.models else None
     rate = config.keys.rate_per_minute if args.rate is None else args.rate
     daily = config.keys.daily_jobs if args.daily_jobs is None else args.daily_jobs
     record, plaintext = create_key(_db(config), args.name, models=models, rate=rate, daily_jobs=daily)
@@ -110,6 +114,17 @@ def _config(args: argparse.Namespace) -> ServerConfig:
     return ServerConfig.load(path)
 
 
+def _model_names(config: ServerConfig, text: str) -> list[str]:
+    """The comma-separated model names of ``text``, each one of ``config``'s models (CliError otherwise)."""
+    names = [m.strip() for m in text.split(",") if m.strip()]
+    unknown = [m for m in names if config.model(m) is None]
+    if unknown or not names:
+        served = ", ".join(m.name for m in config.models) or "none"
+        raise CliError(f"no model {', '.join(unknown) if unknown else repr(text)} in the config; served models: "
+                       f"{served}")
+    return names
+
+
 def _db(config: ServerConfig) -> Database:
     return Database(config.db_path)
 
@@ -141,6 +156,9 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--embedded", action="store_true", help="built-in setup: SmolLM2-135M and a tiny GPT-2, "
                        "SQLite, local results under --data-dir")
     serve.add_argument("--port", type=int, help="port to listen on (default: the config's, or 8000)")
+    embedded = ", ".join(m.name for m in ServerConfig.embedded_default(Path(".sandbox-data")).models)
+    serve.add_argument("--models", help=f"with --embedded: comma-separated names of the embedded models to serve "
+                       f"({embedded}; default: all)")
     serve.set_defaults(run=_serve)
 
     keys = commands.add_parser("keys", help="create, list and revoke API keys")

@@ -4,8 +4,10 @@
 
 Start-up, in order: the data folder and database, the result-signing key (created here, before any
 process could race to create it), jobs a previous server left RUNNING end ERROR "server_restarted"
-(QUEUED and finished jobs survive), then one ``python -m sandbox_server.worker`` per model and
-``python -m gunicorn -c infra/gunicorn.conf.py sandbox_server.wsgi:app``, each in its own process group.
+(QUEUED and finished jobs survive), then one ``python -P -m sandbox_server.worker`` per model and the web tier,
+``python -P -m sandbox_server.gunicorn_app`` (gunicorn, its settings set in code), each in its own process group
+(with ``shared_imports``, the first ones are forked from a zygote that imported torch once: ``zygote.py``).
+``-P``: children import the installed packages, never a same-named folder in the working directory.
 
 The monitor loop (every 0.2 s) restarts a worker that died, failing its running job with "worker_died";
 kills and restarts a worker whose job runs past ``timeout_s + kill_grace_s`` ("timeout", for what the
@@ -39,8 +41,6 @@ TICK_S = 0.2
 STOP_WAIT_S = 10.0          # after SIGTERM, how long children may finish (at least a job's limit) before SIGKILL
 MAX_BACKOFF_S = 30.0
 STABLE_S = 60.0             # a process that ran this long restarts at once, and its backoff resets
-REPO_ROOT = Path(__file__).resolve().parent.parent
-GUNICORN_CONF = REPO_ROOT / "infra" / "gunicorn.conf.py"
 
 
 @dataclass
@@ -80,7 +80,7 @@ class Supervisor:
         if config.omp_wait_policy:     # read once when torch loads its OpenMP runtime: set before any import
             self.env["OMP_WAIT_POLICY"] = config.omp_wait_policy.upper()
         self.workers = {m.name: Child(m.name, *_worker_command(self.config_path, m)) for m in config.models}
-        self.web = Child("web", *_gunicorn_command(config))
+        self.web = Child("web", *_web_command(self.config_path))
         self.zygote: Zygote | None = None
         self._store: ResultStore | None = None
         self._next_sweep = time.monotonic() + config.jobs.sweep_interval_s
@@ -342,22 +342,13 @@ def _config_file(config: ServerConfig) -> Path:
 def _worker_command(config_path: Path, model: ModelConfig) -> tuple[list[str], tuple[str, list[str]]]:
     """The worker's own command line, and its zygote entry point."""
     args = ["--config", str(config_path), "--model", model.name]
-    return [sys.executable, "-m", "sandbox_server.worker", *args], ("worker", args)
+    return [sys.executable, "-P", "-m", "sandbox_server.worker", *args], ("worker", args)
 
 
-def _gunicorn_command(config: ServerConfig) -> tuple[list[str], tuple[str, list[str]]]:
-    """gunicorn with infra/gunicorn.conf.py (without that file, an installed package: the same settings as
-    flags): its own command line, and its zygote entry point."""
-    args = []
-    if GUNICORN_CONF.is_file():
-        args += ["-c", str(GUNICORN_CONF)]
-    else:
-        args += ["--bind", f"{config.host}:{config.port}", "--workers", str(config.web_workers),
-                    "--worker-class", "gthread", "--threads", str(config.web_threads),
-                    "--timeout", str(int(config.jobs.max_wait_s) + 30), "--access-logfile", "-",
-                    "--no-control-socket"]
-    args.append("sandbox_server.wsgi:app")
-    return [sys.executable, "-m", "gunicorn", *args], ("web", args)
+def _web_command(config_path: Path) -> tuple[list[str], tuple[str, list[str]]]:
+    """The web tier (``sandbox_server.gunicorn_app``): its own command line, and its zygote entry point."""
+    args = ["--config", str(config_path)]
+    return [sys.executable, "-P", "-m", "sandbox_server.gunicorn_app", *args], ("web", args)
 
 
 def _signal(child: Child, sig: int) -> None:

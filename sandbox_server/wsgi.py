@@ -1,9 +1,10 @@
-"""The gunicorn entry point: ``gunicorn sandbox_server.wsgi:app`` with ``SANDBOX_CONFIG=/path/server.toml``.
+"""The WSGI entry point for a WSGI server of your own: ``sandbox_server.wsgi:app`` with ``SANDBOX_CONFIG``.
 
-    SANDBOX_CONFIG=server.toml gunicorn --workers 2 --threads 8 sandbox_server.wsgi:app
+    SANDBOX_CONFIG=server.toml gunicorn -c infra/gunicorn.conf.py sandbox_server.wsgi:app
 
-Importing this module is cheap: the app (database, store, torch and the model catalog) is built
-on first access to ``app``, in each gunicorn worker process after it forked.
+``interp-sandbox serve`` does not go through this module: its web tier is ``sandbox_server.gunicorn_app``,
+which builds the same app from the config it was given. Importing this module is cheap: the app (database,
+store, torch and the model catalog) is built on first access to ``app``, in each worker process after it forked.
 """
 from __future__ import annotations
 

@@ -9,7 +9,7 @@ objects) then sit in RAM once instead of once per process: about 200 MB less for
     zygote.close()                                              # the forked processes live on
 
 How: the supervisor marks itself a child subreaper (Linux ``PR_SET_CHILD_SUBREAPER``) and starts
-``python -m sandbox_server.zygote --fd N``, which imports ``PRELOAD``, freezes the garbage
+``python -P -m sandbox_server.zygote --fd N``, which imports ``PRELOAD``, freezes the garbage
 collector's view of those objects (so collections do not write to the shared pages), and answers
 spawn requests on the socket: it forks twice, the middle process exits at once, and the new process
 is re-parented to the supervisor, which waits for it like any child. The new process gets its own
@@ -47,7 +47,7 @@ PRELOAD = (
     "sandbox_client.language_model", "sandbox_client.interpreter.runner", "validator.check",
     "sandbox_client.interpreter.preflight",
     "storage.bundle", "sandbox_server.worker", "sandbox_server.cobatch", "sandbox_server.models",
-    "sandbox_server.app", "flask", "gunicorn.app.wsgiapp", "gunicorn.workers.gthread",
+    "sandbox_server.app", "sandbox_server.gunicorn_app", "flask", "gunicorn.workers.gthread",
 )
 START_TIMEOUT_S = 180.0
 SPAWN_TIMEOUT_S = 30.0
@@ -98,8 +98,9 @@ class Zygote:
         become_subreaper()
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
-            proc = subprocess.Popen([sys.executable, "-m", "sandbox_server.zygote", "--fd", str(theirs.fileno())],
-                                    env=dict(env), stdin=subprocess.DEVNULL, pass_fds=[theirs.fileno()])
+            # -P: the installed packages, never a same-named folder in the working directory (as for every child)
+            command = [sys.executable, "-P", "-m", "sandbox_server.zygote", "--fd", str(theirs.fileno())]
+            proc = subprocess.Popen(command, env=dict(env), stdin=subprocess.DEVNULL, pass_fds=[theirs.fileno()])
         except OSError as err:
             ours.close()
             raise ZygoteError(f"cannot start the zygote: {err}") from None
@@ -167,11 +168,9 @@ def _run_worker(args: list[str]) -> int:
 
 
 def _run_web(args: list[str]) -> int:
-    from gunicorn.app.wsgiapp import run
+    from sandbox_server.gunicorn_app import main
 
-    sys.argv = ["gunicorn", *args]
-    run()
-    return 0
+    return main(args)
 
 
 ENTRIES: dict[str, Callable[[list[str]], int]] = {"worker": _run_worker, "web": _run_web}

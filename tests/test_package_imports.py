@@ -16,12 +16,19 @@ def _run(code: str) -> str:
 
 
 def test_supervisor_cli_and_gunicorn_config_do_not_import_torch(tmp_path: Path) -> None:
+    """Also: gunicorn's master (GunicornApp, built as the web tier builds it) and infra/gunicorn.conf.py, the
+    file for the plain gunicorn command, which must give the same settings."""
     config = tmp_path / "server.toml"
-    config.write_text(f'[server]\ndata_dir = "{tmp_path}"\n')
+    config.write_text(f'[server]\ndata_dir = "{tmp_path}"\nport = 8123\n')
     code = ("import os, runpy, sys\n"
             f"os.environ['SANDBOX_CONFIG'] = {str(config)!r}\n"
             "import sandbox_server.supervisor, sandbox_server.cli, sandbox_server.config, sandbox_server.jobends\n"
-            f"runpy.run_path({str(ROOT / 'infra' / 'gunicorn.conf.py')!r})\n"
+            "from sandbox_server.gunicorn_app import GunicornApp, gunicorn_settings\n"
+            "from sandbox_server.config import ServerConfig\n"
+            f"conf = runpy.run_path({str(ROOT / 'infra' / 'gunicorn.conf.py')!r})\n"
+            "config = ServerConfig.load(os.environ['SANDBOX_CONFIG'])\n"
+            "assert GunicornApp(config).cfg.bind == ['127.0.0.1:8123']\n"
+            "assert all(conf[k] == v for k, v in gunicorn_settings(config).items()), conf\n"
             "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'transformers')))")
     assert _run(code) == "[]"
 

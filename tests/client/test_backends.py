@@ -110,7 +110,7 @@ def test_record_only_runs_nothing(gpt2_tokenizer: Any) -> None:
         handle.remove()
     assert calls == [] and len(tracer.graph.nodes) > 0
     with pytest.raises(sc.ValueNotReadyError, match="not saved"):
-        saved[0].value
+        _ = saved[0].value
 
 
 def test_a_users_own_backend_gets_the_finished_graph_and_its_values_are_the_results(gpt2_tokenizer: Any) -> None:

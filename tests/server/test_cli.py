@@ -5,12 +5,14 @@ import json
 import os
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import pytest
 
 from sandbox_server.auth import authenticate
 from sandbox_server.cli import main
+from sandbox_server.config import ServerConfig
 from sandbox_server.db import Database
 from sandbox_server.errors import ApiError
 
@@ -74,6 +76,8 @@ def test_defaults_come_from_the_config(tmp_path: Path, capsys: pytest.CaptureFix
     (["keys", "create", "--name", "x", "--rate", "-3"], "rate"),
     (["keys", "list", "--config", "/does/not/exist.toml"], "no config file"),
     (["serve", "--config", "a.toml", "--embedded"], "not both"),
+    (["serve", "--embedded", "--models", "tiny-gpt2,nope"], "no model nope"),
+    (["serve", "--config", "a.toml", "--models", "tiny-gpt2"], "with --embedded"),
 ])
 def test_command_errors(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
                         argv: list[str], message: str) -> None:
@@ -95,13 +99,36 @@ def test_config_from_the_environment(tmp_path: Path, monkeypatch: pytest.MonkeyP
     assert [k.name for k in Database(tmp_path / "data" / "sandbox.db").list_keys()] == ["dora"]
 
 
-def test_serve_hands_the_config_to_the_supervisor(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import types
-
-    seen = []
+@pytest.fixture
+def served(monkeypatch: pytest.MonkeyPatch) -> list[ServerConfig]:
+    """The configs ``serve`` hands to the supervisor (a stand-in that records them and returns at once)."""
+    seen: list[ServerConfig] = []
     fake = types.ModuleType("sandbox_server.supervisor")
     fake.serve = seen.append  # type: ignore[attr-defined]
     monkeypatch.setitem(sys.modules, "sandbox_server.supervisor", fake)
+    return seen
+
+
+def test_serve_hands_the_config_to_the_supervisor(tmp_path: Path, served: list[ServerConfig]) -> None:
     assert main(["serve", "--embedded", "--data-dir", str(tmp_path), "--port", "8123"]) == 0
-    assert seen[0].port == 8123 and seen[0].data_dir == tmp_path.resolve()
-    assert [m.name for m in seen[0].models] == ["smollm2-135m", "tiny-gpt2"]
+    assert served[0].port == 8123 and served[0].data_dir == tmp_path.resolve()
+    assert [m.name for m in served[0].models] == ["smollm2-135m", "tiny-gpt2"]
+
+
+def test_serve_embedded_serves_the_models_asked_for(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                    served: list[ServerConfig]) -> None:
+    monkeypatch.chdir(tmp_path)
+    assert main(["serve", "--embedded", "--models", "tiny-gpt2"]) == 0
+    assert [m.name for m in served[0].models] == ["tiny-gpt2"] and served[0].models[0].source == "random"
+    assert served[0].data_dir == tmp_path.resolve() / ".sandbox-data" and served[0].port == 8000
+
+
+def test_serve_port_reaches_the_processes_that_load_the_config(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                               served: list[ServerConfig]) -> None:
+    """The web tier and the workers load the config file themselves: --port must hold for them too."""
+    config = tmp_path / "server.toml"
+    config.write_text(f'[server]\ndata_dir = "{tmp_path / "data"}"\nport = 8001\n')
+    monkeypatch.setenv("SANDBOX_PORT", "8001")           # so that monkeypatch restores the variable afterwards
+    assert main(["serve", "--config", str(config), "--port", "8124"]) == 0
+    assert served[0].port == 8124 and served[0].source_path == config.resolve()
+    assert ServerConfig.load(config).port == 8124        # what a child process reads with the inherited environment

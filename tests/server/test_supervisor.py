@@ -22,7 +22,7 @@ from serverproc import TINY_MODELS, start_server
 
 from sandbox_server.config import ModelConfig, ServerConfig
 from sandbox_server.modelinfo import read_model_info
-from sandbox_server.supervisor import Child, Supervisor, resident_bytes
+from sandbox_server.supervisor import Supervisor, resident_bytes
 from sandbox_server.types import JobRecord, JobStatus, ResultInfo
 from storage import LocalStore, Signer
 
@@ -254,7 +254,9 @@ def test_model_config_of_each_child_is_its_own(tmp_path: Path) -> None:
     sup = Supervisor(config)
     assert sorted(sup.workers) == ["tiny-gpt2", "tiny-llama"]
     assert all(c.command[-1] == name for name, c in sup.workers.items())
-    assert isinstance(sup.web, Child) and "sandbox_server.wsgi:app" in sup.web.command
+    web_args = ["--config", str(sup.config_path)]
+    assert sup.web.command == [sys.executable, "-P", "-m", "sandbox_server.gunicorn_app", *web_args]
+    assert sup.web.entry == ("web", web_args)
 
 
 def test_the_example_config_names_every_option_with_its_default() -> None:

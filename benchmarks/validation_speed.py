@@ -18,6 +18,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
 
 import sandbox_client as sc
+from sandbox_client.backends import RecordOnly
 from sandbox_client.interpreter import DryRun, ShapeTemplate, meta_copy, validate_and_dry_run
 from sandbox_client.pretrained import smollm2_folder
 from validator import ModelSpec, validate
@@ -34,24 +35,20 @@ def median_ms(fn: Callable[[], Any], rounds: int) -> float:
 
 
 def thousand_node_graph(lm: sc.LanguageModel, ids: torch.Tensor) -> sc.Graph:
-    tracer = lm.trace(ids)
-    tracer.__enter__()
-    h = lm.model.layers[3].output
-    layer = 0
-    while len(tracer.nodes) < 1000:
-        h = (h * 0.5 + lm.model.layers[layer % 30].output).softmax(-1)
-        layer += 1
-    h.save()
-    lm.close_trace(tracer)
+    with lm.trace(ids, backend=RecordOnly()) as tracer:
+        h = lm.model.layers[3].output
+        layer = 0
+        while len(tracer.nodes) < 1000:
+            h = (h * 0.5 + lm.model.layers[layer % 30].output).softmax(-1)
+            layer += 1
+        h.save()
     return tracer.graph
 
 
 def typical_graph(lm: sc.LanguageModel, ids: torch.Tensor) -> sc.Graph:
-    tracer = lm.trace(ids)
-    tracer.__enter__()
-    for i in range(30):   # per-layer logit lens at the last token: 30 ad hoc norm + lm_head calls
-        lm.lm_head(lm.model.norm(lm.model.layers[i].output[:, -1])).softmax(-1).save()
-    lm.close_trace(tracer)
+    with lm.trace(ids, backend=RecordOnly()) as tracer:
+        for i in range(30):   # per-layer logit lens at the last token: 30 ad hoc norm + lm_head calls
+            lm.lm_head(lm.model.norm(lm.model.layers[i].output[:, -1])).softmax(-1).save()
     return tracer.graph
 
 

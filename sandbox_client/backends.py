@@ -9,7 +9,6 @@ Each is a ``sandbox_client.types.Backend``: ``run(graph) -> {node id: saved valu
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
 
 from torch import nn
 
@@ -56,7 +55,7 @@ class ScanBackend:
 class NoScan:
     """The scan backend of a generic ``sc.Model``: its inputs define no batch size or sequence length."""
 
-    def run(self, graph: Graph) -> Any:
+    def run(self, graph: Graph) -> Results:
         raise TraceError("scan needs a sc.LanguageModel (its inputs define batch size and sequence length)")
 
 

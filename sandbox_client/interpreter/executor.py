@@ -310,6 +310,8 @@ def _where(path: str) -> str:
 
 
 def _resolve(value: Any, values: dict[int, Any]) -> Any:
+    if type(value) is Ref:            # the common case per argument: no closure, no walk
+        return values[value.id]
     return map_leaves(value, lambda v: values[v.id] if isinstance(v, Ref) else v)
 
 

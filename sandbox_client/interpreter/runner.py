@@ -62,7 +62,7 @@ class ModuleRunner:
 
     def probe_batch(self, invokes: list[Invoke]) -> Batch:
         """A batch of ``invokes`` alone, for a probe forward (output tuple lengths)."""
-        return ModuleRunner.batch(self, Graph(invokes=invokes))
+        return self.batch(Graph(invokes=invokes))
 
 
 class LanguageModelRunner(ModuleRunner):

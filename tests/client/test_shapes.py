@@ -8,6 +8,7 @@ import torch
 from conftest import build_tiny
 
 import sandbox_client as sc
+from sandbox_client.backends import RecordOnly
 from sandbox_client.interpreter import DryRun, ShapeTemplate, dry_run, meta_copy, validate_and_dry_run
 from validator import Limits, ModelSpec, ValidationError
 
@@ -30,12 +31,8 @@ def final_norm(lm: sc.LanguageModel, arch: str):
 
 
 def record(lm, ids, body):
-    tracer = lm.trace(ids)
-    tracer.__enter__()
-    try:
+    with lm.trace(ids, backend=RecordOnly()) as tracer:
         saved = body()
-    finally:
-        lm.close_trace(tracer)
     return tracer.graph, saved
 
 

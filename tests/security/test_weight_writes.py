@@ -9,6 +9,7 @@ import torch
 from conftest import build_tiny
 
 import sandbox_client as sc
+from sandbox_client.backends import RecordOnly
 from validator import ModelSpec, ValidationError, validate
 
 IDS = torch.tensor([[3, 14, 15, 92]])
@@ -46,10 +47,8 @@ def test_runtime_refuses_inplace_activation_on_a_weight(setup) -> None:
 
 def test_weight_as_module_output_is_refused(setup) -> None:
     hf, lm, spec = setup
-    tracer = lm.trace(IDS)          # recorded only: the server would refuse it before running
-    tracer.__enter__()
-    lm.model.layers[0].mlp.down_proj.output = lm.model.layers[0].mlp.down_proj.weight
-    lm.close_trace(tracer)
+    with lm.trace(IDS, backend=RecordOnly()) as tracer:   # recorded only: the server refuses it before running
+        lm.model.layers[0].mlp.down_proj.output = lm.model.layers[0].mlp.down_proj.weight
     with pytest.raises(ValidationError) as err:
         validate(tracer.graph.to_json(), spec)
     assert err.value.code == "write_to_weight"

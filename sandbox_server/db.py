@@ -20,7 +20,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from .types import JobEnd, JobRecord, JobStatus, KeyRecord, ResultInfo, WorkerRecord
+from .types import JobEnd, JobError, JobRecord, JobStatus, KeyRecord, ResultInfo, WorkerRecord
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS keys (
@@ -41,6 +41,7 @@ CREATE TABLE IF NOT EXISTS workers (
     restarts INTEGER NOT NULL DEFAULT 0, current_job TEXT
 );
 """
+CANCELLED_QUEUED = JobError("cancelled", "cancelled by its owner before it ran")
 _JOB_COLUMNS = ("id, key_id, model, kind, status, created, started, finished, rows, error, result_key, sha256, "
                 "signature, size, expires, result_expired, cancel_requested, worker_pid")
 
@@ -196,7 +197,7 @@ class Database:
                 con.execute("UPDATE jobs SET started = ? WHERE id = ? AND status = ?",
                             (now or time.time(), job_id, JobStatus.RUNNING))
 
-    def finish_job(self, job_id: str, status: str, *, error: dict[str, Any] | None = None,
+    def finish_job(self, job_id: str, status: JobStatus, *, error: JobError | None = None,
                    result: ResultInfo | None = None, now: float | None = None) -> bool:
         """End a RUNNING (or QUEUED) job; False if it had already ended (e.g. cancelled meanwhile)."""
         return bool(self.finish_jobs([JobEnd(job_id, status, error, result)], now))
@@ -211,7 +212,7 @@ class Database:
                 cur = con.execute(
                     "UPDATE jobs SET status = ?, finished = ?, error = ?, result_key = ?, sha256 = ?, signature = ?, "
                     "size = ?, expires = ?, request = NULL WHERE id = ? AND status IN (?, ?)",
-                    (end.status, finished, json.dumps(end.error) if end.error else None,
+                    (end.status, finished, json.dumps(end.error.to_dict()) if end.error else None,
                      result.key if result else None, result.sha256 if result else None,
                      result.signature if result else None, result.size if result else None,
                      result.expires if result else None, end.job_id, JobStatus.QUEUED, JobStatus.RUNNING))
@@ -223,11 +224,9 @@ class Database:
         """QUEUED -> CANCELLED at once; RUNNING -> cancel_requested (the worker stops it). Returns the job."""
         with self._tx() as con:
             con.execute("UPDATE jobs SET status = ?, finished = ?, request = NULL, "
-                        "error = ? WHERE id = ? AND status IN (?, ?)",
-                        (JobStatus.CANCELLED, now or time.time(),
-                         json.dumps({"code": "cancelled", "message": "cancelled by its owner before it ran",
-                                     "node": None, "source": ""}),
-                         job_id, JobStatus.QUEUED, JobStatus.RECEIVED))
+                        "error = ? WHERE id = ? AND status = ?",
+                        (JobStatus.CANCELLED, now or time.time(), json.dumps(CANCELLED_QUEUED.to_dict()),
+                         job_id, JobStatus.QUEUED))
             con.execute("UPDATE jobs SET cancel_requested = 1 WHERE id = ? AND status = ?",
                         (job_id, JobStatus.RUNNING))
         return self.get_job(job_id)
@@ -242,7 +241,7 @@ class Database:
         found = {row[0] for row in rows}
         return [job_id for job_id in job_ids if job_id in found]
 
-    def fail_running(self, model: str | None, error: dict[str, Any], pid: int | None = None) -> list[str]:
+    def fail_running(self, model: str | None, error: JobError, pid: int | None = None) -> list[str]:
         """End every RUNNING job (of ``model``, of worker ``pid``) as ERROR: used when a worker dies."""
         query = "SELECT id FROM jobs WHERE status = ?"
         args: list[Any] = [JobStatus.RUNNING]
@@ -317,7 +316,8 @@ def _job(row: tuple[Any, ...]) -> JobRecord:
      signature, size, expires, result_expired, cancel_requested, worker_pid) = row
     result = ResultInfo(key=result_key, sha256=sha256, signature=signature, size=size, expires=expires) \
         if result_key else None
-    return JobRecord(id=job_id, key_id=key_id, model=model, kind=kind, status=status, created=created,
-                     started=started, finished=finished, rows=rows, error=json.loads(error) if error else None,
+    return JobRecord(id=job_id, key_id=key_id, model=model, kind=kind, status=JobStatus(status), created=created,
+                     started=started, finished=finished, rows=rows,
+                     error=JobError.from_dict(json.loads(error)) if error else None,
                      result=result, result_expired=bool(result_expired), cancel_requested=bool(cancel_requested),
                      worker_pid=worker_pid)

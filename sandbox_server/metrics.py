@@ -52,7 +52,7 @@ class DatabaseCollector:
         jobs = GaugeMetricFamily("sandbox_jobs", "Jobs in the database by model and status", labels=["model", "status"])
         depth = GaugeMetricFamily("sandbox_queue_depth", "QUEUED jobs per model", labels=["model"])
         for model in known:
-            for status in JobStatus.ALL:
+            for status in JobStatus:
                 jobs.add_metric([model, status], counts.get((model, status), 0))
             depth.add_metric([model], counts.get((model, JobStatus.QUEUED), 0))
         yield jobs

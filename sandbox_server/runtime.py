@@ -6,7 +6,7 @@
         with guard.watch(job.id, timeout_s=60.0):
             results = runner.run(graph)
     except BaseException as exc:
-        error = describe_error(exc, timeout_s=60.0)    # {"code", "message", "node", "source"}
+        error = describe_error(exc, timeout_s=60.0)    # a JobError: code, message, node, source
 
 While a job runs, a global forward pre-hook checks before every module call whether the deadline has
 passed or the job's owner asked to cancel it (a watcher thread polls the database every ~50 ms) and
@@ -33,6 +33,8 @@ from torch.nn.modules.module import register_module_forward_pre_hook
 
 from sandbox_client.errors import SandboxError
 from validator import ValidationError
+
+from .types import JobError
 
 POLL_S = 0.05
 _MEMORY_WORDS = ("can't allocate memory", "not enough memory", "out of memory", "cannot allocate memory")
@@ -193,25 +195,25 @@ def check_result_size(size: int, limit: int) -> None:
                          "fewer or smaller values, e.g. slices like [:, -1] instead of whole tensors")
 
 
-def describe_error(exc: BaseException, timeout_s: float, memory_mb: int = 0) -> dict[str, Any]:
-    """The API error {"code", "message", "node", "source"} for a failed job (never a traceback)."""
+def describe_error(exc: BaseException, timeout_s: float, memory_mb: int = 0) -> JobError:
+    """Why a job failed, as the API shows it (never a traceback)."""
     if isinstance(exc, ValidationError):
-        return exc.to_dict()
+        return JobError(exc.code, exc.message, exc.node, exc.source)
     source = exc.source if isinstance(exc, SandboxError) else ""
     node = getattr(exc, "node", None)
     if isinstance(exc, JobAborted):
-        return _error("cancelled", "cancelled by its owner while it ran") if exc.reason == "cancelled" \
-            else _error("timeout", f"the job ran longer than its limit of {timeout_s:g} s and was stopped; shorten "
+        return JobError("cancelled", "cancelled by its owner while it ran") if exc.reason == "cancelled" \
+            else JobError("timeout", f"the job ran longer than its limit of {timeout_s:g} s and was stopped; shorten "
                         "it: fewer or shorter prompts, a smaller max_new_tokens, or split it into several jobs")
     if is_memory_error(exc):
         limit = f" ({memory_mb} MiB above the model)" if memory_mb else ""
-        return _error("memory_limit", f"the job needed more memory than a job may use{limit}; use fewer or shorter "
+        return JobError("memory_limit", f"the job needed more memory than a job may use{limit}; use fewer or shorter "
                       "prompts, smaller intermediate tensors, or split it into several jobs", node, source)
     if isinstance(exc, JobFailure):
-        return _error(exc.code, exc.message)
+        return JobError(exc.code, exc.message)
     if isinstance(exc, SandboxError):
-        return _error(exc.code, exc.message, node, source)
-    return _error("runtime", f"{type(exc).__name__}: {exc}", node, source)
+        return JobError(exc.code, exc.message, node, source)
+    return JobError("runtime", f"{type(exc).__name__}: {exc}", node, source)
 
 
 def is_memory_error(exc: BaseException) -> bool:
@@ -226,10 +228,6 @@ def is_memory_error(exc: BaseException) -> bool:
             return True
         current = current.__cause__ or current.__context__
     return False
-
-
-def _error(code: str, message: str, node: int | None = None, source: str = "") -> dict[str, Any]:
-    return {"code": code, "message": message, "node": node, "source": source}
 
 
 def _virtual_size() -> int:

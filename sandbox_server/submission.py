@@ -161,7 +161,8 @@ def job_view(job: JobRecord, db: Database, store: ResultStore, config: ServerCon
                 result["data"] = data
     return {"id": job.id, "model": job.model, "kind": job.kind, "status": job.status,
             "position": db.queue_position(job), "created": job.created, "started": job.started,
-            "finished": job.finished, "cancel_requested": job.cancel_requested, "error": job.error,
+            "finished": job.finished, "cancel_requested": job.cancel_requested,
+            "error": job.error.to_dict() if job.error is not None else None,
             "result": result, "result_expired": job.result_expired}
 
 

@@ -34,7 +34,7 @@ from .config import ModelConfig, ServerConfig, dump_toml
 from .db import Database
 from .jobends import announce
 from .modelinfo import clear_model_info
-from .types import JobRecord
+from .types import JobError, JobRecord
 from .zygote import ForkedProcess, Zygote, ZygoteError
 
 TICK_S = 0.2
@@ -90,7 +90,7 @@ class Supervisor:
         """Signing key, jobs left RUNNING by a previous server, stale model info: before any child starts."""
         signer = Signer.load_or_create(self.config.signing_key_path)
         log(f"result signing key {signer.fingerprint} ({self.config.signing_key_path})")
-        stale = self._fail_running(None, _error(
+        stale = self._fail_running(None, JobError(
             "server_restarted", "the server restarted while this job ran; submit it again"))
         if stale:
             log(f"{len(stale)} job(s) left running by the previous server ended ERROR server_restarted")
@@ -169,7 +169,7 @@ class Supervisor:
         code = child.proc.poll()
         assert code is not None
         how = f"signal {-code}" if code < 0 else f"exit code {code}"
-        failed = self._fail_running(child.name, _error(
+        failed = self._fail_running(child.name, JobError(
             "worker_died", f"the model worker process died ({how}) while running this job; the server restarted "
             "it; submit again"), pid=child.pid)
         clear_model_info(self.config.model_dir(child.name))
@@ -209,16 +209,16 @@ class Supervisor:
     def _kill_for_timeout(self, job: JobRecord) -> None:
         child = self.workers.get(job.model)
         if child is None or not child.alive() or child.pid != job.worker_pid:
-            self._fail_running(job.model, _error("worker_died", "the worker running this job is gone; "
+            self._fail_running(job.model, JobError("worker_died", "the worker running this job is gone; "
                                                    "submit again"), pid=job.worker_pid)
             return
         timeout = self.config.jobs.timeout_s
-        self._fail_running(job.model, _error(
+        self._fail_running(job.model, JobError(
             "timeout", f"the job ran past its limit of {timeout:g} s and did not stop, so the server restarted the "
             "model worker; shorten it: fewer or shorter prompts, a smaller max_new_tokens, or split it"), pid=child.pid)
         self._kill(child, f"job {job.id} past its time limit")
 
-    def _fail_running(self, model: str | None, error: dict[str, Any], pid: int | None = None) -> list[str]:
+    def _fail_running(self, model: str | None, error: JobError, pid: int | None = None) -> list[str]:
         """End running jobs ERROR (``Database.fail_running``) and announce it to the web tier's long polls."""
         failed = self.db.fail_running(model, error, pid=pid)
         announce(self.config.web_socket_dir, failed)
@@ -234,7 +234,7 @@ class Supervisor:
                 child.base_rss = rss
             return
         if rss > child.base_rss + cap * 2**20:
-            self._fail_running(child.name, _error(
+            self._fail_running(child.name, JobError(
                 "memory_limit", f"the job used more than {cap} MiB of memory above the model, so the server "
                 "restarted the model worker; use fewer or shorter prompts or split the job"), pid=child.pid)
             self._kill(child, f"resident memory {rss >> 20} MiB over the cap")
@@ -365,10 +365,6 @@ def _kill_group(pgid: int) -> None:
         os.killpg(pgid, signal.SIGKILL)
     except (ProcessLookupError, PermissionError):
         pass
-
-
-def _error(code: str, message: str) -> dict[str, Any]:
-    return {"code": code, "message": message, "node": None, "source": ""}
 
 
 def log(message: str) -> None:

@@ -2,24 +2,63 @@
 
     job = JobRecord(id="j_...", key_id="k1", model="tiny-gpt2", kind="trace", status=JobStatus.QUEUED, created=t)
     job.terminal            # False until COMPLETED / ERROR / CANCELLED
+    job.error               # a JobError once it ended ERROR
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from collections.abc import Mapping
+from dataclasses import dataclass
+from enum import StrEnum
 from typing import Any
 
 
-class JobStatus:
-    """A job's life: RECEIVED -> QUEUED -> RUNNING -> COMPLETED | ERROR | CANCELLED."""
+class JobStatus(StrEnum):
+    """A job's life: QUEUED -> RUNNING -> COMPLETED | ERROR | CANCELLED (QUEUED -> CANCELLED when cancelled
+    before it ran). Members are strings: they compare equal to, and store and serialize as, their names.
 
-    RECEIVED = "RECEIVED"
+        JobStatus("QUEUED") is JobStatus.QUEUED and JobStatus.QUEUED == "QUEUED"     # True
+        JobStatus.ERROR.terminal                                                   # True
+    """
+
     QUEUED = "QUEUED"
     RUNNING = "RUNNING"
     COMPLETED = "COMPLETED"
     ERROR = "ERROR"
     CANCELLED = "CANCELLED"
-    TERMINAL = frozenset({COMPLETED, ERROR, CANCELLED})
-    ALL = (RECEIVED, QUEUED, RUNNING, COMPLETED, ERROR, CANCELLED)
+
+    @property
+    def terminal(self) -> bool:
+        """Whether the job has ended (COMPLETED, ERROR or CANCELLED): nothing changes it afterwards."""
+        return self in _TERMINAL
+
+
+_TERMINAL = frozenset({JobStatus.COMPLETED, JobStatus.ERROR, JobStatus.CANCELLED})
+
+
+@dataclass(frozen=True)
+class JobError:
+    """Why a job ended ERROR (or CANCELLED): a stable ``code``, a ``message`` that says what to do, and the
+    graph node (with the user's source line) at fault when one is. The Job object's ``error`` in the API.
+
+        JobError("timeout", "the job ran longer than its limit of 60 s ...").to_dict()
+        # {"code": "timeout", "message": "...", "node": None, "source": ""}
+        JobError.from_dict(validation_error.to_dict())
+    """
+
+    code: str
+    message: str
+    node: int | None = None
+    source: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON form, as the API answers it and the database stores it."""
+        return {"code": self.code, "message": self.message, "node": self.node, "source": self.source}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> JobError:
+        """Read ``to_dict``'s form back (``node`` and ``source`` may be absent)."""
+        return cls(code=str(data["code"]), message=str(data["message"]), node=data.get("node"),
+                   source=str(data.get("source") or ""))
 
 
 @dataclass(frozen=True)
@@ -55,34 +94,33 @@ class JobEnd:
     """How a job ended, as its worker records it: the status and the error or the stored result."""
 
     job_id: str
-    status: str
-    error: dict[str, Any] | None = None
+    status: JobStatus
+    error: JobError | None = None
     result: ResultInfo | None = None
 
 
 @dataclass(frozen=True)
 class JobRecord:
-    """One job row. ``error`` is {"code", "message", "node", "source"} when it ended ERROR."""
+    """One job row. ``error`` says why when it ended ERROR (or CANCELLED)."""
 
     id: str
     key_id: str
     model: str
     kind: str
-    status: str
+    status: JobStatus
     created: float
     started: float | None = None
     finished: float | None = None
     rows: int = 0
-    error: dict[str, Any] | None = None
+    error: JobError | None = None
     result: ResultInfo | None = None
     result_expired: bool = False
     cancel_requested: bool = False
     worker_pid: int | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
 
     @property
     def terminal(self) -> bool:
-        return self.status in JobStatus.TERMINAL
+        return JobStatus(self.status).terminal
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,7 @@ into one forward (``cobatch``, ``run_batch``) and the others alone with the clie
 the run-time guard (``runtime.JobGuard``: deadline and cancel), encode each job's saved values as its
 own safetensors bundle, sign its SHA-256 together with the job id, put it in the result store under an
 unguessable key, and record the outcome in the database.
-Every failure ends the job ERROR with {"code", "message", "node", "source"}; the worker lives on.
+Every failure ends the job ERROR with a ``JobError`` (code, message, node, source); the worker lives on.
 
 SIGTERM (or SIGINT) lets the current job finish, then the worker exits. With the environment variable
 ``SANDBOX_TEST_PARAM_HASH=1`` the worker appends "<job id> <hash of every weight, buffer, requires_grad
@@ -181,7 +181,7 @@ class ModelWorker:
             time.sleep(min(max(seconds, 0.0), 0.005))
 
     # ----- several jobs: co-batching ---------------------------------------------------------
-    def run_batch(self, jobs: list[JobRecord]) -> dict[str, str]:
+    def run_batch(self, jobs: list[JobRecord]) -> dict[str, JobStatus]:
         """Run claimed jobs, merging compatible ones into one forward (``cobatch``); {job id: end status}.
 
         Each merged group runs under one guard: the deadline is ``timeout_s`` from the group's start (every
@@ -191,7 +191,7 @@ class ModelWorker:
         to validate, or that ``cobatch`` hands back, run alone afterwards through ``run_job``.
         """
         self._heartbeat(jobs[0].id, force=True)
-        ended: dict[str, str] = {}
+        ended: dict[str, JobStatus] = {}
         alone: list[JobRecord] = []
         graphs: dict[str, Graph] = {}
         for job in jobs:
@@ -216,8 +216,8 @@ class ModelWorker:
         return ended
 
     def _run_group(self, members: list[JobRecord], graphs: dict[str, Graph],
-                   alone: list[JobRecord]) -> dict[str, str]:
-        ended: dict[str, str] = {}
+                   alone: list[JobRecord]) -> dict[str, JobStatus]:
+        ended: dict[str, JobStatus] = {}
         pending = list(members)
         timeout = self.config.jobs.timeout_s
         while len(pending) > 1:
@@ -262,10 +262,10 @@ class ModelWorker:
             if isinstance(exc, (KeyboardInterrupt, SystemExit)):
                 raise
             report = describe_error(exc, self.config.jobs.timeout_s, self.config.jobs.worker_memory_mb)
-            return JobEnd(job.id, JobStatus.CANCELLED if report["code"] == "cancelled" else JobStatus.ERROR, report)
+            return JobEnd(job.id, JobStatus.CANCELLED if report.code == "cancelled" else JobStatus.ERROR, report)
 
     # ----- one job ---------------------------------------------------------------------------
-    def run_job(self, job: JobRecord) -> str:
+    def run_job(self, job: JobRecord) -> JobStatus:
         """Run a claimed (RUNNING) job to its end; returns the status it ended with."""
         self._heartbeat(job.id, force=True)
         timeout = self.config.jobs.timeout_s
@@ -279,13 +279,13 @@ class ModelWorker:
             if time.monotonic() - started >= timeout and not isinstance(exc, JobAborted):
                 exc = JobAborted("timeout")   # e.g. a user function's loop stopped at the job's deadline
             error = describe_error(exc, timeout, self.config.jobs.worker_memory_mb)
-            status = JobStatus.CANCELLED if error["code"] == "cancelled" else JobStatus.ERROR
+            status = JobStatus.CANCELLED if error.code == "cancelled" else JobStatus.ERROR
         finally:
             self._check_model()
         self._end_all([JobEnd(job.id, status, error, result)])
         return status
 
-    def _end_all(self, ends: list[JobEnd]) -> dict[str, str]:
+    def _end_all(self, ends: list[JobEnd]) -> dict[str, JobStatus]:
         """Record the jobs' ends in one transaction, then announce them to the web tier's long polls at once.
 
         A co-batch's jobs end together: while they were announced one by one, their users' next requests

@@ -118,7 +118,7 @@ def test_a_failing_job_in_a_batch_of_8_leaves_the_others_correct(worker: ModelWo
     assert spy["merged"] == [8] and spy["alone"] == [jobs[3].id]
     failed = ended(worker, jobs[3])
     assert failed.status == JobStatus.ERROR and failed.error is not None
-    assert failed.error["code"] == "intervention" and "torch.ones(3, 3)" in failed.error["source"]
+    assert failed.error.code == "intervention" and "torch.ones(3, 3)" in failed.error.source
     for i, (job, graph) in enumerate(zip(jobs, graphs, strict=True)):
         if i != 3:
             assert_same_values(fetched(worker, job), run_locally(gpt2, graph.to_json()))
@@ -158,11 +158,11 @@ def test_a_batch_ends_in_one_announcement_after_every_result_is_recorded(worker:
 
 
 def test_finish_jobs_ends_only_jobs_still_running(worker: ModelWorker, gpt2: sc.LanguageModel) -> None:
-    from sandbox_server.types import JobEnd
+    from sandbox_server.types import JobEnd, JobError
 
     jobs = [submit(worker, "{}", key=f"f{i}") for i in range(3)]
     assert worker.db.finish_job(jobs[1].id, JobStatus.CANCELLED)          # e.g. cancelled while queued
-    ends = [JobEnd(j.id, JobStatus.ERROR, {"code": "x", "message": "m", "node": None, "source": ""}) for j in jobs]
+    ends = [JobEnd(j.id, JobStatus.ERROR, JobError("x", "m")) for j in jobs]
     assert worker.db.finish_jobs(ends) == [jobs[0].id, jobs[2].id]
     assert [ended(worker, j).status for j in jobs] == [JobStatus.ERROR, JobStatus.CANCELLED, JobStatus.ERROR]
     assert worker.db.finish_jobs(ends) == []
@@ -175,7 +175,7 @@ def test_an_invalid_job_in_a_batch_ends_error_and_the_rest_merge(worker: ModelWo
     assert worker.run_queued() == 3
     assert spy["merged"] == [2] and spy["alone"] == [jobs[1].id]
     broken = ended(worker, jobs[1])
-    assert broken.error is not None and broken.error["code"] == "format"
+    assert broken.error is not None and broken.error.code == "format"
     assert_same_values(fetched(worker, jobs[0]), fetched(worker, jobs[2]))
 
 
@@ -210,7 +210,7 @@ def test_a_merged_timeout_runs_each_job_alone_with_its_own_limit(worker: ModelWo
         worker.config = saved
     assert spy["merged"] == [2] and spy["alone"] == [j.id for j in jobs]
     slow = ended(worker, jobs[0])
-    assert slow.status == JobStatus.ERROR and slow.error is not None and slow.error["code"] == "timeout"
+    assert slow.status == JobStatus.ERROR and slow.error is not None and slow.error.code == "timeout"
     assert_same_values(fetched(worker, jobs[1]), run_locally(gpt2, fast))
 
 

@@ -8,7 +8,7 @@ from flask import Flask
 from prometheus_client.parser import text_string_to_metric_families
 
 from sandbox_server.app import create_app
-from sandbox_server.types import JobRecord, JobStatus
+from sandbox_server.types import JobError, JobRecord, JobStatus
 
 from .conftest import make_config, services
 
@@ -59,7 +59,7 @@ def test_metrics_count_jobs_workers_and_durations(tmp_path: Path) -> None:
     assert m[("sandbox_recent_job_seconds", (("model", "tiny-gpt2"), ("quantile", "0.5")))] == 1.5
     assert ("sandbox_recent_job_seconds", (("model", "sleepy"), ("quantile", "0.5"))) not in m
 
-    db.finish_job("j4", JobStatus.ERROR, error={"code": "x", "message": "", "node": None, "source": ""})
+    db.finish_job("j4", JobStatus.ERROR, error=JobError("x", ""))
     m = scrape(app)                                     # read again at each scrape, nothing cached
     assert m[("sandbox_jobs", (("model", "tiny-gpt2"), ("status", "ERROR")))] == 1
     assert m[("sandbox_queue_depth", (("model", "tiny-gpt2"),))] == 0

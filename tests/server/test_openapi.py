@@ -1,6 +1,7 @@
 """docs/openapi.json matches the app: the same routes, and real answers validate against the declared schemas."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 from pathlib import Path
@@ -14,6 +15,7 @@ from jsonschema import Draft202012Validator
 from werkzeug.test import TestResponse
 
 from sandbox_server.app import create_app
+from sandbox_server.types import JobError, JobStatus
 
 from .conftest import finish_with_result, make_config, new_key, services
 
@@ -78,6 +80,17 @@ def test_every_reference_resolves() -> None:
         Draft202012Validator.check_schema(schema)
     for path, method in doc_routes():
         assert DOC["paths"][path][method]["responses"], (path, method)
+
+
+def test_job_statuses_and_error_fields_are_the_servers() -> None:
+    """The documented Job.status values are JobStatus's members, and JobError is the documented error object."""
+    schemas = DOC["components"]["schemas"]
+    assert schemas["Job"]["properties"]["status"]["enum"] == [s.value for s in JobStatus]
+    assert schemas["JobError"]["required"] == [f.name for f in dataclasses.fields(JobError)]
+    error = JobError("timeout", "the job ran too long", node=3, source="x = f(y)")
+    assert not list(Draft202012Validator(schemas["JobError"]).iter_errors(error.to_dict()))
+    assert JobError.from_dict(error.to_dict()) == error
+    assert JobError.from_dict({"code": "c", "message": "m"}) == JobError("c", "m", None, "")
 
 
 @pytest.fixture

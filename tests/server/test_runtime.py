@@ -174,21 +174,21 @@ def _wrapped(cause: BaseException, source: str = "h = f(x)  # line 3") -> Interv
 ])
 def test_error_codes(exc: BaseException, code: str) -> None:
     error = describe_error(exc, timeout_s=5.0, memory_mb=256)
-    assert set(error) == {"code", "message", "node", "source"} and error["code"] == code
-    assert "Traceback" not in error["message"]
+    assert set(error.to_dict()) == {"code", "message", "node", "source"} and error.code == code
+    assert "Traceback" not in error.message
     if code == "memory_limit":
-        assert "256 MiB" in error["message"]
+        assert "256 MiB" in error.message
     if isinstance(exc, InterventionError):
-        assert error["source"] == "h = f(x)  # line 3"
+        assert error.source == "h = f(x)  # line 3"
 
 
 def test_error_messages() -> None:
-    assert describe_error(ValueError("bad value"), 5.0)["message"] == "ValueError: bad value"
+    assert describe_error(ValueError("bad value"), 5.0).message == "ValueError: bad value"
     timeout = describe_error(JobAborted("timeout"), 2.5)
-    assert timeout["code"] == "timeout" and "2.5 s" in timeout["message"] and "max_new_tokens" in timeout["message"]
-    assert describe_error(JobAborted("cancelled"), 2.5)["code"] == "cancelled"
+    assert timeout.code == "timeout" and "2.5 s" in timeout.message and "max_new_tokens" in timeout.message
+    assert describe_error(JobAborted("cancelled"), 2.5).code == "cancelled"
     refused = ValidationError("module_path", "no module 'x'", node=4, source="lm.x  # 2")
-    assert describe_error(refused, 1.0) == refused.to_dict()
+    assert describe_error(refused, 1.0).to_dict() == refused.to_dict()
     assert not is_memory_error(RuntimeError("shape mismatch"))
 
 

@@ -17,7 +17,7 @@ from flask.testing import FlaskClient
 
 import sandbox_client as sc
 from sandbox_server.app import create_app
-from sandbox_server.types import JobStatus
+from sandbox_server.types import JobError, JobStatus
 
 from .conftest import IDS, Key, finish_with_result, make_config, new_key, services
 
@@ -342,7 +342,7 @@ def test_expired_and_missing_results_are_410(app: Flask, client: FlaskClient, ke
 def test_failed_job_has_no_result(app: Flask, client: FlaskClient, key: Key, logits_graph: str) -> None:
     job_id = submit(client, key, logits_graph).get_json()["id"]
     error = {"code": "runtime", "message": "boom", "node": 3, "source": "x.py:1"}
-    services(app).db.finish_job(job_id, JobStatus.ERROR, error=error)
+    services(app).db.finish_job(job_id, JobStatus.ERROR, error=JobError.from_dict(error))
     job = client.get(f"/v1/jobs/{job_id}", headers=key.headers).get_json()
     assert job["status"] == "ERROR" and job["error"] == error
     r = client.get(f"/v1/jobs/{job_id}/result", headers=key.headers)

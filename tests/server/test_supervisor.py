@@ -90,7 +90,7 @@ def test_prepare_ends_stale_running_jobs_and_keeps_the_rest(make_supervisor: Cal
     assert status_of(sup, "done").status == JobStatus.COMPLETED
     stale = status_of(sup, "running")
     assert stale.status == JobStatus.ERROR and stale.error is not None
-    assert stale.error["code"] == "server_restarted" and "submit it again" in stale.error["message"]
+    assert stale.error.code == "server_restarted" and "submit it again" in stale.error.message
     assert not ready.exists()
     assert [(w.model, w.state) for w in sup.db.workers()] == [("tiny-gpt2", "loading")]
     key = sup.config.signing_key_path
@@ -133,7 +133,7 @@ def test_a_dead_worker_fails_its_job_and_restarts_with_backoff(make_supervisor: 
     sup.tick()
     victim = status_of(sup, "victim")
     assert victim.status == JobStatus.ERROR and victim.error is not None
-    assert victim.error["code"] == "worker_died" and "exit code 3" in victim.error["message"]
+    assert victim.error.code == "worker_died" and "exit code 3" in victim.error.message
     assert status_of(sup, "waiting").status == JobStatus.QUEUED
     assert child.restarts == 1 and child.proc is not None        # first crash: restarted at once
     first = child.proc.pid
@@ -155,8 +155,8 @@ def test_a_job_past_timeout_and_grace_gets_its_worker_killed(make_supervisor: Ca
     time.sleep(0.5)
     sup.tick()
     job = status_of(sup, "long")
-    assert job.status == JobStatus.ERROR and job.error is not None and job.error["code"] == "timeout"
-    assert "0.2 s" in job.error["message"]
+    assert job.status == JobStatus.ERROR and job.error is not None and job.error.code == "timeout"
+    assert "0.2 s" in job.error.message
     tick_until(sup, lambda: child.proc is not None and child.proc.pid != pid)
     assert child.restarts == 1 and child.backoff == 0.0          # a kill for a job's sake: no backoff
 
@@ -173,7 +173,7 @@ def test_resident_memory_over_the_cap_gets_the_worker_killed(make_supervisor: Ca
     pid = child.proc.pid
     tick_until(sup, lambda: status_of(sup, "hog").status == JobStatus.ERROR)
     error = status_of(sup, "hog").error
-    assert error is not None and error["code"] == "memory_limit" and "100 MiB" in error["message"]
+    assert error is not None and error.code == "memory_limit" and "100 MiB" in error.message
     tick_until(sup, lambda: child.proc is not None and child.proc.pid != pid)
     assert resident_bytes(pid) == 0
 

@@ -121,10 +121,10 @@ def test_a_stored_graph_is_validated_again(worker: ModelWorker, lm: sc.LanguageM
     """A graph that slipped into the queue unvalidated is refused with the validator's code, not run."""
     text = logits_graph(lm).replace('"lm_head"', '"lm_head.weight.data"')
     job = run(worker, text)
-    assert job.status == JobStatus.ERROR and job.error is not None and job.error["code"] == "module_path"
+    assert job.status == JobStatus.ERROR and job.error is not None and job.error.code == "module_path"
     assert job.result is None
     broken = run(worker, b"{not json")
-    assert broken.error is not None and broken.error["code"] == "format"
+    assert broken.error is not None and broken.error.code == "format"
 
 
 def test_an_intervention_error_points_at_the_users_line(worker: ModelWorker, lm: sc.LanguageModel) -> None:
@@ -133,8 +133,8 @@ def test_an_intervention_error_points_at_the_users_line(worker: ModelWorker, lm:
         (rec.transformer.h[0].output @ torch.ones(3, 3)).save()   # wrong shape: only fails when it runs
     job = run(worker, tracer.graph.to_json())
     assert job.status == JobStatus.ERROR and job.error is not None
-    assert job.error["code"] == "intervention" and "torch.ones(3, 3)" in job.error["source"]
-    assert "Traceback" not in job.error["message"]
+    assert job.error.code == "intervention" and "torch.ones(3, 3)" in job.error.source
+    assert "Traceback" not in job.error.message
 
 
 def test_result_over_the_limit_is_refused_and_not_stored(worker: ModelWorker, lm: sc.LanguageModel,
@@ -144,7 +144,7 @@ def test_result_over_the_limit_is_refused_and_not_stored(worker: ModelWorker, lm
     results = worker.config.results_path
     files = sorted(results.rglob("*")) if results.exists() else []
     job = run(worker, logits_graph(lm))
-    assert job.error is not None and job.error["code"] == "result_too_large"
+    assert job.error is not None and job.error.code == "result_too_large"
     assert (sorted(results.rglob("*")) if results.exists() else []) == files
 
 
@@ -154,8 +154,8 @@ def test_timeout_ends_the_job_and_the_next_one_runs(worker: ModelWorker, lm: sc.
     start = time.monotonic()
     job = run(worker, slow_graph(lm), "generate")
     assert time.monotonic() - start < 2.0
-    assert job.status == JobStatus.ERROR and job.error is not None and job.error["code"] == "timeout"
-    assert "0.3 s" in job.error["message"]
+    assert job.status == JobStatus.ERROR and job.error is not None and job.error.code == "timeout"
+    assert "0.3 s" in job.error.message
     assert model_hash(worker.model) == before
     assert run(worker, logits_graph(lm)).status == JobStatus.COMPLETED
 
@@ -179,7 +179,7 @@ def test_a_user_function_loop_stops_at_the_jobs_deadline(worker: ModelWorker, lm
     start = time.monotonic()
     job = run(worker, tracer.graph.to_json())
     assert time.monotonic() - start < 1.5
-    assert job.status == JobStatus.ERROR and job.error is not None and job.error["code"] == "timeout"
+    assert job.status == JobStatus.ERROR and job.error is not None and job.error.code == "timeout"
     assert run(worker, logits_graph(lm)).status == JobStatus.COMPLETED
 
 

@@ -24,7 +24,7 @@ import signal
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -57,7 +57,6 @@ class Child:
     next_start: float = 0.0
     base_rss: int | None = None        # resident bytes once the model was loaded (memory cap baseline)
     killed_for: str | None = None      # why the supervisor killed it, so its death is not reported twice
-    extra: dict[str, Any] = field(default_factory=dict)
 
     @property
     def pid(self) -> int | None:

@@ -373,9 +373,6 @@ def model_hash(model: nn.Module) -> str:
     return digest.hexdigest()
 
 
-# ----- the wake socket ------------------------------------------------------------------------
-
-
 def _open_store(config: ServerConfig) -> ResultStore:
     from .stores import open_store
 

@@ -23,6 +23,7 @@ from typing import Any
 from gunicorn.app.base import BaseApplication
 
 from .config import ConfigError, ServerConfig
+from .logs import configure_logging, gunicorn_logger_class
 
 CONFIG_ENV = "SANDBOX_CONFIG"
 EXIT_ERROR = 2
@@ -49,7 +50,7 @@ def gunicorn_settings(config: ServerConfig) -> dict[str, Any]:
         "preload_app": False,
         "accesslog": "-",           # stdout of gunicorn, which the supervisor passes through
         "errorlog": "-",
-        "loglevel": "info",
+        "loglevel": config.logging.level.lower(),    # [logging] level; the app's own records follow it too
         "proc_name": "interp-sandbox web",   # ps: "gunicorn: master [interp-sandbox web]"
         # request size is bounded by the app (max_request_mb); these bound headers
         "limit_request_line": 8190,
@@ -57,6 +58,8 @@ def gunicorn_settings(config: ServerConfig) -> dict[str, Any]:
         # gunicorn >= 24 opens a control socket under $HOME by default: one path shared by every server of this
         # user (two servers on one host would fight over it) and a management door we do not use
         "control_socket_disable": True,
+        # gunicorn's error and access lines in [logging] format too, so a JSON stream stays all JSON
+        **({"logger_class": gunicorn_logger_class(config.logging)} if config.logging.format == "json" else {}),
     }
 
 
@@ -79,6 +82,7 @@ class GunicornApp(BaseApplication):
         """The Flask app, built in each web worker process after it forked (torch is imported here)."""
         from .app import create_app
 
+        configure_logging(self.config.logging)     # before the app: Flask then adds no handler of its own
         return create_app(self.config, warm=True)
 
 

@@ -13,11 +13,13 @@ The monitor loop (every 0.2 s) restarts a worker that died, failing its running 
 kills and restarts a worker whose job runs past ``timeout_s + kill_grace_s`` ("timeout", for what the
 in-process guard cannot interrupt, such as one long C call) or whose resident memory passes the cap
 ("memory_limit"); restarts gunicorn if it dies; and every ``sweep_interval_s`` deletes expired results.
-Restarts back off (0 s, 1 s, 2 s, ... 30 s) unless the process had run for a minute. One line per event
-goes to stderr.
+Restarts back off (0 s, 1 s, 2 s, ... 30 s) unless the process had run for a minute. Each event is one
+record of the ``sandbox_server.supervisor`` logger (``serve`` sets up logging from ``[logging]``: see
+``sandbox_server.logs``); a worker's death, a kill and a failed cleanup are warnings.
 """
 from __future__ import annotations
 
+import logging
 import os
 import resource
 import signal
@@ -33,6 +35,7 @@ from storage import ResultStore, Signer
 from .config import ModelConfig, ServerConfig, dump_toml
 from .db import Database
 from .jobends import announce
+from .logs import configure_logging
 from .modelinfo import clear_model_info
 from .types import JobError, JobRecord
 from .zygote import ForkedProcess, Zygote, ZygoteError
@@ -41,6 +44,7 @@ TICK_S = 0.2
 STOP_WAIT_S = 10.0          # after SIGTERM, how long children may finish (at least a job's limit) before SIGKILL
 MAX_BACKOFF_S = 30.0
 STABLE_S = 60.0             # a process that ran this long restarts at once, and its backoff resets
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -88,11 +92,12 @@ class Supervisor:
     def prepare(self) -> None:
         """Signing key, jobs left RUNNING by a previous server, stale model info: before any child starts."""
         signer = Signer.load_or_create(self.config.signing_key_path)
-        log(f"result signing key {signer.fingerprint} ({self.config.signing_key_path})")
+        log.info("result signing key %s (%s)", signer.fingerprint, self.config.signing_key_path)
         stale = self._fail_running(None, JobError(
             "server_restarted", "the server restarted while this job ran; submit it again"))
         if stale:
-            log(f"{len(stale)} job(s) left running by the previous server ended ERROR server_restarted")
+            log.warning("%d job(s) left running by the previous server ended ERROR server_restarted", len(stale),
+                        extra={"jobs": stale})
         for model in self.config.models:
             clear_model_info(self.config.model_dir(model.name))
             self.db.set_worker(model.name, None, "loading")
@@ -107,8 +112,8 @@ class Supervisor:
         if self.zygote is not None:    # its originals of the pages every child has since written would be
             self.zygote.close()        # held twice; restarted processes exec on their own
             self.zygote = None
-        log(f"serving on http://{self.config.host}:{self.config.port} "
-            f"({len(self.workers)} model worker(s), data in {self.config.data_dir})")
+        log.info("serving on http://%s:%d (%d model worker(s), data in %s)", self.config.host, self.config.port,
+                 len(self.workers), self.config.data_dir)
 
     def stop(self) -> None:
         """SIGTERM every child (the web tier first); a worker finishes its job first. SIGKILL what is left after
@@ -124,7 +129,7 @@ class Supervisor:
             try:
                 child.proc.wait(max(deadline - time.monotonic(), 0.01))
             except subprocess.TimeoutExpired:
-                log(f"{child.name} (pid {child.pid}) did not stop in {wait:g} s: killed")
+                log.warning("%s (pid %s) did not stop in %g s: killed", child.name, child.pid, wait)
                 _signal(child, signal.SIGKILL)
                 child.proc.wait()
         if self.zygote is not None:
@@ -132,7 +137,7 @@ class Supervisor:
             self.zygote = None
         for name in self.workers:
             self.db.set_worker(name, None, "down")
-        log("server stopped")
+        log.info("server stopped")
 
     # ----- the monitor loop ------------------------------------------------------------------
     def run(self) -> None:
@@ -140,7 +145,7 @@ class Supervisor:
             try:
                 self.tick()
             except Exception as err:   # e.g. the database briefly locked: log it, the next tick tries again
-                log(f"monitor: {type(err).__name__}: {err}")
+                log.error("monitor: %s: %s", type(err).__name__, err)
             time.sleep(TICK_S)
 
     def tick(self, now: float | None = None) -> None:
@@ -174,7 +179,8 @@ class Supervisor:
         clear_model_info(self.config.model_dir(child.name))
         self.db.set_worker(child.name, None, "down")
         reason = f", {child.killed_for}" if child.killed_for else ""
-        log(f"worker {child.name} (pid {child.pid}) ended ({how}{reason}); {len(failed)} running job(s) failed")
+        log.warning("worker %s (pid %s) ended (%s%s); %d running job(s) failed", child.name, child.pid, how, reason,
+                    len(failed), extra={"model": child.name, "jobs": failed})
         self._schedule_restart(child)
 
     def _schedule_restart(self, child: Child) -> None:
@@ -193,7 +199,7 @@ class Supervisor:
             return
         if child.proc is not None:          # the web tier: report its death once, then back off
             code = child.proc.returncode
-            log(f"{what} (pid {child.pid}) ended with code {code}; restarting")
+            log.warning("%s (pid %s) ended with code %s; restarting", what, child.pid, code)
             self._schedule_restart(child)
         if time.monotonic() >= child.next_start:
             child.restarts += 1
@@ -243,7 +249,7 @@ class Supervisor:
 
     def _kill(self, child: Child, why: str) -> None:
         child.killed_for = why
-        log(f"killing worker {child.name} (pid {child.pid}): {why}")
+        log.warning("killing worker %s (pid %s): %s", child.name, child.pid, why, extra={"model": child.name})
         _signal(child, signal.SIGKILL)
 
     # ----- results ---------------------------------------------------------------------------
@@ -258,11 +264,11 @@ class Supervisor:
             try:
                 store.delete(key)
             except Exception as err:   # the store is down: keep the row and try again next sweep
-                log(f"sweeper: cannot delete {key}: {err}")
+                log.warning("sweeper: cannot delete %s: %s", key, err)
                 continue
             self.db.mark_expired(job_id)
             count += 1
-        log(f"sweeper: {count} expired result(s) deleted")
+        log.info("sweeper: %d expired result(s) deleted", count)
         return count
 
     def _results_store(self) -> ResultStore:
@@ -278,10 +284,10 @@ class Supervisor:
         try:
             self.zygote = Zygote.start(self.env)
         except ZygoteError as err:
-            log(f"no shared imports: {err}; each process starts on its own")
+            log.warning("no shared imports: %s; each process starts on its own", err)
             return
-        log(f"zygote (pid {self.zygote.proc.pid}) imported torch and the server in "
-            f"{time.monotonic() - started:.1f} s; workers and the web tier fork from it")
+        log.info("zygote (pid %d) imported torch and the server in %.1f s; workers and the web tier fork from it",
+                 self.zygote.proc.pid, time.monotonic() - started)
 
     def _spawn(self, child: Child) -> None:
         child.killed_for, child.base_rss = None, None
@@ -290,7 +296,7 @@ class Supervisor:
             try:
                 child.proc = self.zygote.spawn(*child.entry)
             except ZygoteError as err:
-                log(f"zygote failed ({err}); processes now start on their own")
+                log.warning("zygote failed (%s); processes now start on their own", err)
                 self.zygote.close()
                 self.zygote = None
         if child.proc is None:
@@ -299,11 +305,12 @@ class Supervisor:
         if child is not self.web:
             self.db.set_worker(child.name, child.proc.pid, "loading", restarts=child.restarts)
         again = f" (restart {child.restarts})" if child.restarts else ""
-        log(f"started {child.name} (pid {child.proc.pid}){again}")
+        log.info("started %s (pid %d)%s", child.name, child.proc.pid, again)
 
 
 def serve(config: ServerConfig) -> int:
     """Run the server until SIGTERM or SIGINT; returns the exit status (0 after a clean stop)."""
+    configure_logging(config.logging)
     supervisor = Supervisor(config)
 
     def stop(signum: int, frame: Any) -> None:
@@ -365,6 +372,3 @@ def _kill_group(pgid: int) -> None:
     except (ProcessLookupError, PermissionError):
         pass
 
-
-def log(message: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] supervisor: {message}", file=sys.stderr, flush=True)

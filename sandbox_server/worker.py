@@ -11,15 +11,17 @@ own safetensors bundle, sign its SHA-256 together with the job id, put it in the
 unguessable key, and record the outcome in the database.
 Every failure ends the job ERROR with a ``JobError`` (code, message, node, source); the worker lives on.
 
-SIGTERM (or SIGINT) lets the current job finish, then the worker exits. With the environment variable
-``SANDBOX_TEST_PARAM_HASH=1`` the worker appends "<job id> <hash of every weight, buffer, requires_grad
-flag and training flag>" to ``<data_dir>/test/param-hashes-<model>.txt`` after loading and after each
-job (tests read it to prove that no job changes the model).
+SIGTERM (or SIGINT) lets the current job finish, then the worker exits. ``main`` sets up logging from
+``[logging]`` (``sandbox_server.logs``); events are records of the ``sandbox_server.worker`` logger.
+With the environment variable ``SANDBOX_TEST_PARAM_HASH=1`` the worker appends "<job id> <hash of
+every weight, buffer, requires_grad flag and training flag>" to ``<data_dir>/test/param-hashes-<model>.txt``
+after loading and after each job (tests read it to prove that no job changes the model).
 """
 from __future__ import annotations
 
 import argparse
 import hashlib
+import logging
 import os
 import secrets
 import signal
@@ -40,6 +42,7 @@ from .cobatch import group_jobs, run_together
 from .config import ModelConfig, ServerConfig
 from .db import Database
 from .jobends import announce
+from .logs import configure_logging
 from .modelinfo import write_model_info
 from .runtime import (
     JobAborted,
@@ -58,6 +61,7 @@ WAIT_S = 0.2             # longest sleep between claims when no datagram arrives
 RETURN_WAIT_SHARE = 0.25  # waiting for returning users: at most this share of the last run's time
 HEARTBEAT_S = 1.0
 PARAM_HASH_ENV = "SANDBOX_TEST_PARAM_HASH"
+log = logging.getLogger("sandbox_server.worker")     # not __name__, which is "__main__" under python -m
 
 
 class ModelWorker:
@@ -105,7 +109,8 @@ class ModelWorker:
         keep_freed_memory(self.config.jobs.worker_heap_keep_mb)
         self.db.set_worker(self.cfg.name, self.pid, "ready")
         cap = f", jobs capped at {self.config.jobs.worker_memory_mb} MiB" if self.memory_limit else ""
-        log(f"worker {self.cfg.name} (pid {self.pid}) ready in {time.monotonic() - started:.2f} s{cap}")
+        log.info("worker %s (pid %d) ready in %.2f s%s", self.cfg.name, self.pid, time.monotonic() - started, cap,
+                 extra={"model": self.cfg.name})
 
     # ----- the loop --------------------------------------------------------------------------
     def serve(self) -> None:
@@ -330,7 +335,8 @@ class ModelWorker:
     def _check_model(self) -> None:
         """Put back requires_grad and training flags if a job changed them (the interpreter should not)."""
         if model_flags(self.model) != self.flags:
-            log(f"worker {self.cfg.name}: a job changed requires_grad/training flags; restored")
+            log.warning("worker %s: a job changed requires_grad/training flags; restored", self.cfg.name,
+                        extra={"model": self.cfg.name})
             restore_flags(self.model, self.flags)
 
     def _record_param_hash(self, label: str) -> None:
@@ -379,10 +385,6 @@ def _open_store(config: ServerConfig) -> ResultStore:
     return open_store(config)
 
 
-def log(message: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m sandbox_server.worker", description=__doc__.split("\n")[0])
     parser.add_argument("--config", required=True, help="the server's TOML file")
@@ -390,6 +392,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     os.environ["HF_HUB_OFFLINE"] = "1"        # before transformers is imported: never reach the network
     config = ServerConfig.load(args.config)
+    configure_logging(config.logging)
     model = config.model(args.model)
     if model is None:
         parser.error(f"no [[models]] entry named {args.model!r} in {args.config}")
@@ -403,11 +406,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         worker.load()
     except Exception as err:
-        log(f"worker {model.name}: cannot load the model: {type(err).__name__}: {err}")
+        log.error("worker %s: cannot load the model: %s: %s", model.name, type(err).__name__, err,
+                  extra={"model": model.name})
         worker.db.set_worker(model.name, os.getpid(), "down")
         return 3
     worker.serve()
-    log(f"worker {model.name} (pid {worker.pid}) stopped")
+    log.info("worker %s (pid %d) stopped", model.name, worker.pid, extra={"model": model.name})
     return 0
 
 

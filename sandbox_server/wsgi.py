@@ -4,7 +4,8 @@
 
 ``interp-sandbox serve`` does not go through this module: its web tier is ``sandbox_server.gunicorn_app``,
 which builds the same app from the config it was given. Importing this module is cheap: the app (database,
-store, torch and the model catalog) is built on first access to ``app``, in each worker process after it forked.
+store, torch and the model catalog) is built on first access to ``app``, in each worker process after it forked,
+after logging is set up from ``[logging]`` (``sandbox_server.logs``).
 """
 from __future__ import annotations
 
@@ -24,11 +25,14 @@ def load_app() -> Any:
         if _app is None:
             from .app import create_app
             from .config import ServerConfig
+            from .logs import configure_logging
 
             path = os.environ.get(CONFIG_ENV)
             if not path:
                 raise RuntimeError(f"set {CONFIG_ENV} to the server's TOML config file before starting gunicorn")
-            _app = create_app(ServerConfig.load(path), warm=True)
+            config = ServerConfig.load(path)
+            configure_logging(config.logging)     # before the app: Flask then adds no handler of its own
+            _app = create_app(config, warm=True)
         return _app
 
 

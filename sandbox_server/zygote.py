@@ -30,13 +30,13 @@ import ctypes
 import gc
 import importlib
 import json
+import logging
 import os
 import signal
 import socket
 import subprocess
 import sys
 import time
-import traceback
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
@@ -252,7 +252,7 @@ def _become(kind: str, args: list[str], sock: socket.socket) -> None:
     except SystemExit as exc:              # gunicorn's master and workers end this way
         code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
     except BaseException:
-        traceback.print_exc()
+        logging.getLogger("sandbox_server.zygote").exception("the %s entry point failed (args %s)", kind, args)
     finally:
         atexit._run_exitfuncs()
         sys.stdout.flush()

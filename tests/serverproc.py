@@ -153,11 +153,12 @@ class RunningServer:
 def start_server(tmp_path: Path, models: list[dict[str, Any]] | None = None, store: dict[str, Any] | None = None,
                  jobs: dict[str, Any] | None = None, limits: dict[str, Any] | None = None, port: int | None = None,
                  env: dict[str, str] | None = None, server: dict[str, Any] | None = None,
-                 batching: dict[str, Any] | None = None) -> RunningServer:
+                 batching: dict[str, Any] | None = None, logging: dict[str, Any] | None = None) -> RunningServer:
     """Write ``<tmp_path>/server.toml`` and start the server; returns once every model is ready.
 
-    ``models`` defaults to tiny-gpt2 alone; ``store``/``jobs``/``limits``/``server``/``batching`` are TOML sections as
-    dicts (e.g. ``store=s3_store(s3)``); ``env`` adds environment variables (e.g. SANDBOX_TEST_PARAM_HASH).
+    ``models`` defaults to tiny-gpt2 alone; ``store``/``jobs``/``limits``/``server``/``batching``/``logging`` are TOML
+    sections as dicts (e.g. ``store=s3_store(s3)``); ``env`` adds environment variables (e.g.
+    SANDBOX_TEST_PARAM_HASH).
     """
     models = models if models is not None else [TINY_MODELS["tiny-gpt2"]]
     port = port or free_port()
@@ -166,7 +167,7 @@ def start_server(tmp_path: Path, models: list[dict[str, Any]] | None = None, sto
         "server": {"host": "127.0.0.1", "port": port, "data_dir": str(data_dir), "web_workers": 1,
                    "web_threads": 8, **(server or {})},
         "models": models, "store": store or {}, "jobs": jobs or {}, "limits": limits or {},
-        "batching": batching or {}}
+        "batching": batching or {}, "logging": logging or {}}
     config = ServerConfig.from_dict(sections)
     tmp_path.mkdir(parents=True, exist_ok=True)
     config_path = tmp_path / "server.toml"

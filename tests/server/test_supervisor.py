@@ -7,6 +7,7 @@ exit or allocate), so every decision is checked without torch start-up costs; th
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 import signal
 import stat
@@ -96,6 +97,20 @@ def test_prepare_ends_stale_running_jobs_and_keeps_the_rest(make_supervisor: Cal
     key = sup.config.signing_key_path
     assert stat.S_IMODE(key.stat().st_mode) == 0o600
     assert Signer.load_or_create(key).fingerprint == Signer.load_or_create(key).fingerprint
+
+
+def test_events_are_log_records_at_their_level(make_supervisor: Callable[..., Supervisor],
+                                              caplog: pytest.LogCaptureFixture) -> None:
+    sup = make_supervisor()
+    with caplog.at_level(logging.INFO, logger="sandbox_server.supervisor"):
+        sup.prepare()
+        sup._spawn(sup.workers["tiny-gpt2"])
+        sup._kill(sup.workers["tiny-gpt2"], "a test")
+    events = [(r.name, r.levelname, r.getMessage()) for r in caplog.records]
+    signing, started, killed = events
+    assert signing[:2] == ("sandbox_server.supervisor", "INFO") and signing[2].startswith("result signing key ")
+    assert started[:2] == ("sandbox_server.supervisor", "INFO") and started[2].startswith("started tiny-gpt2 (pid ")
+    assert killed[:2] == ("sandbox_server.supervisor", "WARNING") and killed[2].endswith("): a test")
 
 
 def test_embedded_config_is_written_for_the_children(tmp_path: Path) -> None:

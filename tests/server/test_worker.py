@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import logging
 import os
 import socket
 import threading
@@ -196,12 +197,18 @@ def test_cancel_while_running(worker: ModelWorker, lm: sc.LanguageModel) -> None
     assert done is not None and done.status == JobStatus.CANCELLED and done.result is None
 
 
-def test_flags_a_job_changed_are_restored(worker: ModelWorker, lm: sc.LanguageModel) -> None:
+def test_flags_a_job_changed_are_restored(worker: ModelWorker, lm: sc.LanguageModel,
+                                         caplog: pytest.LogCaptureFixture) -> None:
     flags = model_flags(worker.model)
     worker.model.transformer.h[0].train()           # as if something in a job had flipped them
     worker.model.lm_head.weight.requires_grad_(False)
-    assert run(worker, logits_graph(lm)).status == JobStatus.COMPLETED
+    with caplog.at_level(logging.WARNING, logger="sandbox_server.worker"):
+        assert run(worker, logits_graph(lm)).status == JobStatus.COMPLETED
     assert model_flags(worker.model) == flags
+    (record,) = [r for r in caplog.records if "flags" in r.getMessage()]     # a warning record, not a print
+    assert (record.name, record.levelname) == ("sandbox_server.worker", "WARNING")
+    assert record.getMessage() == "worker tiny-gpt2: a job changed requires_grad/training flags; restored"
+    assert record.model == "tiny-gpt2"              # type: ignore[attr-defined]   # an extra field of the record
 
 
 def test_serve_wakes_on_a_datagram(worker: ModelWorker, lm: sc.LanguageModel) -> None:

